@@ -1,0 +1,307 @@
+"""Typed, validated run configuration: YAML file + dotted ``key=value`` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message lists every bad key at once."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(_Strict):
+    name: str = "minilm"
+    """Hub model name, local directory, or `minilm` (the packaged all-MiniLM-L6-v2)."""
+    max_length: int = Field(128, ge=8, le=8192)
+    """Texts are truncated to this many tokens."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in (mixed precision is `train.precision`)."""
+    allow_pickle: bool = False
+    """Allow loading `pytorch_model.bin` (pickle) when a model has no safetensors."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataConfig(_Strict):
+    source: str | None = None
+    """Hub dataset name (`imdb`, `ag_news`) or offline alias `tweets`; or leave empty and give files."""
+    hub_config: str | None = None
+    """Hub dataset configuration (subset) name."""
+    train_file: Path | None = None
+    """Local csv / jsonl / parquet file with training rows."""
+    eval_file: Path | None = None
+    """Local file with evaluation rows; without it `eval_fraction` of the training rows is held out."""
+    train_split: str = "train"
+    eval_split: str | None = "test"
+    """Hub split used for evaluation; null holds out `eval_fraction` of the train split."""
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    text_column: str | None = None
+    """Defaults to the source's own text column (`text` for files)."""
+    text_pair_column: str | None = None
+    """Second text of a pair (e.g. NLI hypothesis)."""
+    label_column: str | None = None
+    """Defaults to the source's own label column (`label` for files)."""
+    labels: list[str] | None = None
+    """Fixed label order; by default the sorted labels seen in training."""
+    encoding: str = "utf-8"
+    """Text encoding of csv / jsonl files (e.g. latin-1)."""
+    n_train: int | None = Field(None, ge=1)
+    """Stratified, seeded subsample of the training rows."""
+    n_eval: int | None = Field(None, ge=1)
+    seed: int = 42
+    """Seed of subsampling and held-out splits (kept apart from `train.seed`, so seeds vary only training)."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if self.source is None and self.train_file is None:
+            raise ValueError("give data.source (hub dataset or alias) or data.train_file")
+        if self.source is not None and (self.train_file or self.eval_file):
+            raise ValueError("give either data.source or data.train_file/eval_file, not both")
+        if self.eval_file is not None and self.train_file is None:
+            raise ValueError("data.eval_file needs data.train_file")
+        return self
+
+
+# --------------------------------------------------------------------------- methods
+
+Targets = Union[Literal["attention", "feedforward", "all-linear"], list[str]]
+
+
+class FullMethod(_Strict):
+    """Every weight is trained."""
+
+    kind: Literal["full"] = "full"
+
+
+class HeadMethod(_Strict):
+    """Only the classification head is trained (a linear probe)."""
+
+    kind: Literal["head"] = "head"
+
+
+class LoraMethod(_Strict):
+    """LoRA (and DoRA with `kind: dora`) through peft."""
+
+    kind: Literal["lora", "dora"] = "lora"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    rslora: bool = False
+    """Scale by alpha/sqrt(r) instead of alpha/r (rank-stabilised LoRA)."""
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    targets: Targets = "attention"
+    """Module names, or `attention` / `feedforward` / `all-linear` resolved per architecture."""
+
+
+class LoraPlusMethod(LoraMethod):
+    """LoRA+: the B matrices learn `lr_ratio` times faster than A."""
+
+    kind: Literal["loraplus"] = "loraplus"  # type: ignore[assignment]
+    lr_ratio: float = Field(16.0, gt=0)
+
+
+class IA3Method(_Strict):
+    kind: Literal["ia3"] = "ia3"
+    targets: Targets = "all-linear"
+    feedforward_targets: Targets | None = None
+    """Targets whose input (not output) is scaled; by default the architecture's feed-forward layers among `targets`."""
+
+
+class PeftMethod(_Strict):
+    """Any other peft method, named by its config class (`VeraConfig`, `LoHaConfig`, ...)."""
+
+    kind: Literal["peft"] = "peft"
+    config: str
+    options: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _known_peft_config(self) -> "PeftMethod":
+        from peftlab.methods import check_peft_options
+
+        check_peft_options(self.config, self.options)
+        return self
+
+
+MethodConfig = Annotated[
+    Union[FullMethod, HeadMethod, LoraMethod, LoraPlusMethod, IA3Method, PeftMethod],
+    Field(discriminator="kind"),
+]
+METHOD_CLASSES: dict[str, type[BaseModel]] = {
+    "full": FullMethod, "head": HeadMethod, "lora": LoraMethod, "dora": LoraMethod,
+    "loraplus": LoraPlusMethod, "ia3": IA3Method, "peft": PeftMethod,
+}
+
+# --------------------------------------------------------------------------- training
+
+METRICS = ("accuracy", "f1", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "eval_loss")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides epochs when reached first)."""
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the gradient norm to this; null disables clipping."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 autocast on a GPU that has it, fp32 elsewhere."""
+    seed: int = 42
+    eval_every_steps: int | None = Field(None, ge=1)
+    """Also evaluate every N optimizer steps (always after each epoch)."""
+    log_every_steps: int = Field(10, ge=1)
+    best_metric: Literal[METRICS] = "f1_macro"  # type: ignore[valid-type]
+    """The saved model is the checkpoint best by this metric."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations without improvement of `best_metric`."""
+    group_by_length: bool = True
+    """Batch texts of similar length together (seeded), so padding is small."""
+    num_threads: int | None = Field(None, ge=1)
+    """torch CPU threads; default leaves torch's choice."""
+
+    @model_validator(mode="after")
+    def _warmup(self) -> "TrainConfig":
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("give train.warmup_steps or train.warmup_ratio, not both")
+        return self
+
+
+class OutputConfig(_Strict):
+    dir: Path = Path("runs")
+    """Parent directory of run directories."""
+    name: str | None = None
+    """Run directory name; default `<method>-<timestamp>`."""
+    overwrite: bool = False
+    """Replace an existing finished run of the same name (only once the new one finishes)."""
+    save_model: bool = True
+    progress: bool = True
+    """Show progress bars."""
+    cache_dir: Path | None = None
+    """Token cache; default `$PEFTLAB_CACHE` or `~/.cache/peftlab`."""
+
+
+class RunConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    method: MethodConfig = LoraMethod()
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["method.r=16", "train.epochs=5"]` -> `{"method.r": 16, ...}`; values parse as YAML."""
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {pair!r} is not of the form section.key=value")
+        parsed[key] = yaml.safe_load(raw) if raw.strip() else None
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); validation happens afterwards."""
+    result = _deep_copy(raw)
+    for dotted, value in overrides.items():
+        node = result
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {} if child is None else child
+                if not isinstance(child, dict):
+                    raise ConfigError(f"override {dotted}: {part} is not a section")
+                node[part] = child
+            node = child
+        node[leaf] = value
+    return result
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def validate_config(raw: dict[str, Any], origin: str = "config") -> RunConfig:
+    """Validate a raw dict, collecting every problem into one ConfigError."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe_error(err, raw) for err in exc.errors()]
+        raise ConfigError(f"{origin}: {len(lines)} problem(s)\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConfig:
+    raw = apply_overrides(read_yaml(Path(path)), parse_overrides(overrides or []))
+    return validate_config(raw, origin=str(path))
+
+
+def _describe_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = [str(part) for part in err["loc"]]
+    # Discriminated unions put the tag into the location ("method.lora.r"): drop it.
+    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHOD_CLASSES:
+        loc.pop(1)
+    key = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(sorted(_fields_at(loc[:-1], raw)))
+        return f"{key}: unknown key (allowed here: {allowed})"
+    if err["type"] == "union_tag_invalid":
+        return f"{key}: unknown method kind {err['input'].get('kind')!r} (allowed: {', '.join(METHOD_CLASSES)})"
+    if err["type"] == "union_tag_not_found":
+        return f"{key}: missing `kind` (one of: {', '.join(METHOD_CLASSES)})"
+    message = err["msg"].removeprefix("Value error, ")
+    shown = "" if err["type"] in ("missing", "value_error") else f" (got {err.get('input')!r})"
+    return f"{key}: {message}{shown}"
+
+
+def _fields_at(section: list[str], raw: dict[str, Any]) -> list[str]:
+    if not section:
+        return list(RunConfig.model_fields)
+    head = section[0]
+    if head == "method":
+        kind = (raw.get("method") or {}).get("kind", "lora")
+        cls = METHOD_CLASSES.get(kind, LoraMethod)
+    else:
+        cls = RunConfig.model_fields[head].annotation
+    return list(cls.model_fields)  # type: ignore[union-attr]

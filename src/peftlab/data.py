@@ -1,0 +1,467 @@
+"""Load, validate, split, tokenise and batch labelled text."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from peftlab.assets import DATASET_ALIASES
+from peftlab.config import DataConfig
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, row, column or value at fault."""
+
+
+# --------------------------------------------------------------------------- raw tables
+
+
+@dataclass
+class Table:
+    """Rows of one split, with where they came from so errors can point at them."""
+
+    origin: str
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[Any]
+    rows: np.ndarray  # 1-based row number in the origin (header excluded)
+
+    def take(self, index: np.ndarray) -> "Table":
+        return Table(
+            origin=self.origin,
+            texts=[self.texts[i] for i in index],
+            pairs=None if self.pairs is None else [self.pairs[i] for i in index],
+            labels=[self.labels[i] for i in index],
+            rows=self.rows[index],
+        )
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class Columns:
+    text: str
+    pair: str | None
+    label: str
+    encoding: str
+
+
+def read_file(path: Path, encoding: str) -> pd.DataFrame:
+    """Read a csv / jsonl / parquet file; undecodable bytes and bad lines are named by line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    if suffix not in (".csv", ".tsv", ".jsonl", ".json"):
+        raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv, .jsonl or .parquet)")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line}: byte {raw[exc.start]:#04x} is not valid {encoding}; "
+            f"set data.encoding to the file's encoding (e.g. data.encoding=latin-1)"
+        ) from None
+    except LookupError:
+        raise DataError(f"data.encoding {encoding!r} is not a known text encoding") from None
+    if suffix in (".csv", ".tsv"):
+        try:
+            return pd.read_csv(io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", dtype=object,
+                               keep_default_na=False, na_values=[""])
+        except pd.errors.ParserError as exc:
+            raise DataError(f"{path}: not valid CSV: {exc}") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+    return pd.DataFrame.from_records(records)
+
+
+def _table_from_frame(frame: pd.DataFrame, columns: Columns, origin: str,
+                      label_names: list[str] | None = None) -> Table:
+    wanted = [c for c in (columns.text, columns.pair, columns.label) if c is not None]
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{origin}: no column {', '.join(map(repr, missing))}; the columns are: "
+            f"{', '.join(map(str, frame.columns))} (set data.text_column / data.label_column)"
+        )
+    rows = np.arange(1, len(frame) + 1)
+    texts = _checked_texts(frame[columns.text].tolist(), origin, columns.text, rows)
+    pairs = None
+    if columns.pair is not None:
+        pairs = _checked_texts(frame[columns.pair].tolist(), origin, columns.pair, rows)
+    labels = frame[columns.label].tolist()
+    if label_names is not None:  # hub ClassLabel: integers that stand for names
+        labels = [label_names[v] if isinstance(v, (int, np.integer)) and 0 <= v < len(label_names) else v
+                  for v in labels]
+    labels = [_checked_label(v, origin, columns.label, row) for v, row in zip(labels, rows)]
+    return Table(origin=origin, texts=texts, pairs=pairs, labels=labels, rows=rows)
+
+
+def _checked_texts(values: list[Any], origin: str, column: str, rows: np.ndarray) -> list[str]:
+    for value, row in zip(values, rows):
+        if not isinstance(value, str) or not value.strip():
+            what = "missing" if value is None or (isinstance(value, float) and math.isnan(value)) else (
+                "empty" if isinstance(value, str) else f"not text ({type(value).__name__} {value!r})")
+            raise DataError(f"{origin}: row {row}, column {column!r}: text is {what}")
+    return values
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+)")
+
+
+def _checked_label(value: Any, origin: str, column: str, row: int) -> str | int:
+    where = f"{origin}: row {row}, column {column!r}"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise DataError(f"{where}: label is missing")
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value) if any(c in value for c in ".eE") else int(value)  # csv cells are text
+    if isinstance(value, bool):
+        raise DataError(f"{where}: label {value!r} is a boolean; use strings or integers")
+    if isinstance(value, (float, np.floating)):
+        if not float(value).is_integer():
+            raise DataError(f"{where}: label {value!r} is not an integer or a name")
+        value = int(value)
+    if isinstance(value, (int, np.integer)):
+        if value < 0:
+            raise DataError(f"{where}: label {value} is negative (unlabelled rows must be removed)")
+        return int(value)
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            raise DataError(f"{where}: label is empty")
+        return value
+    raise DataError(f"{where}: label {value!r} is of type {type(value).__name__}; use strings or integers")
+
+
+def load_tables(cfg: DataConfig) -> tuple[Table, Table | None]:
+    """The train table and, when the source has one, the eval table (else None: hold out)."""
+    if cfg.source in DATASET_ALIASES:
+        alias = DATASET_ALIASES[cfg.source]()
+        columns = Columns(cfg.text_column or alias.text_column, cfg.text_pair_column,
+                          cfg.label_column or alias.label_column, alias.encoding)
+        frame = read_file(alias.path, columns.encoding)
+        return _table_from_frame(frame, columns, f"{alias.path} (data.source={cfg.source})"), None
+    columns = Columns(cfg.text_column or "text", cfg.text_pair_column, cfg.label_column or "label", cfg.encoding)
+    if cfg.source is not None:
+        return _load_hub(cfg, columns)
+    train = _table_from_frame(read_file(cfg.train_file, columns.encoding), columns, str(cfg.train_file))
+    evaluation = None
+    if cfg.eval_file is not None:
+        evaluation = _table_from_frame(read_file(cfg.eval_file, columns.encoding), columns, str(cfg.eval_file))
+    return train, evaluation
+
+
+def _load_hub(cfg: DataConfig, columns: Columns) -> tuple[Table, Table | None]:
+    """A hub dataset through `datasets.load_dataset` (needs network or the local HF cache)."""
+    import datasets
+
+    def split(name: str) -> Table:
+        ds = datasets.load_dataset(cfg.source, cfg.hub_config, split=name)
+        feature = ds.features.get(columns.label)
+        names = getattr(feature, "names", None)
+        return _table_from_frame(ds.to_pandas(), columns, f"hub dataset {cfg.source} split {name}", names)
+
+    return split(cfg.train_split), split(cfg.eval_split) if cfg.eval_split else None
+
+
+# --------------------------------------------------------------------------- labels and splits
+
+
+@dataclass(frozen=True)
+class Labels:
+    names: list[str]
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    def encode(self, table: Table, role: str) -> np.ndarray:
+        """Label ids; a label outside the set names its row."""
+        mapping = self.label2id
+        ids = np.empty(len(table), dtype=np.int64)
+        for i, (value, row) in enumerate(zip(table.labels, table.rows)):
+            key = str(value)
+            if key not in mapping:
+                seen = "never seen in training" if role == "eval" else "not in data.labels"
+                raise DataError(
+                    f"{table.origin}: row {row}: label {value!r} is {seen} "
+                    f"(known labels: {', '.join(self.names)})"
+                )
+            ids[i] = mapping[key]
+        return ids
+
+
+def derive_labels(train: Table, fixed: list[str] | None) -> Labels:
+    if fixed is not None:
+        if len(set(fixed)) != len(fixed):
+            raise DataError(f"data.labels has duplicates: {fixed}")
+        return Labels(list(fixed))
+    values = set(train.labels)
+    if all(isinstance(v, int) for v in values):
+        return Labels([str(v) for v in sorted(values)])
+    return Labels(sorted(str(v) for v in values))
+
+
+def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of a seeded sample of size n whose class shares follow the population's."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = counts * n / len(labels)
+    take = np.floor(quotas).astype(int)
+    # Largest remainders get the leftover places, so the total is exactly n.
+    for i in np.argsort(-(quotas - take), kind="stable")[: n - take.sum()]:
+        take[i] += 1
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(chosen))
+
+
+@dataclass
+class Splits:
+    train: Table
+    eval: Table
+    labels: Labels
+    train_ids: np.ndarray
+    eval_ids: np.ndarray
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_splits(cfg: DataConfig) -> Splits:
+    """Load, validate, hold out, subsample; every bad row is reported before any training."""
+    train, evaluation = load_tables(cfg)
+    labels = derive_labels(train, cfg.labels)
+    train_ids = labels.encode(train, "train")
+    if evaluation is None:
+        held_out = stratified_sample(train_ids, max(1, round(len(train) * cfg.eval_fraction)), cfg.seed)
+        kept = np.setdiff1d(np.arange(len(train)), held_out)
+        train, evaluation = train.take(kept), train.take(held_out)
+        train_ids = train_ids[kept]
+    eval_ids = labels.encode(evaluation, "eval")
+    if cfg.n_train is not None:
+        chosen = stratified_sample(train_ids, cfg.n_train, cfg.seed)
+        train, train_ids = train.take(chosen), train_ids[chosen]
+    if cfg.n_eval is not None:
+        chosen = stratified_sample(eval_ids, cfg.n_eval, cfg.seed + 1)
+        evaluation, eval_ids = evaluation.take(chosen), eval_ids[chosen]
+    counts = np.bincount(train_ids, minlength=len(labels.names))
+    empty = [labels.names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        raise DataError(
+            f"{train.origin}: class(es) {', '.join(map(repr, empty))} have no training examples"
+            + (f" after subsampling to data.n_train={cfg.n_train}" if cfg.n_train else "")
+        )
+    if len(labels.names) < 2:
+        raise DataError(f"{train.origin}: only one class ({labels.names[0]!r}); need at least two")
+    return Splits(train, evaluation, labels, train_ids, eval_ids, notes=_data_notes(train, evaluation, train_ids))
+
+
+def _data_notes(train: Table, evaluation: Table, train_ids: np.ndarray) -> dict[str, Any]:
+    """Duplicates and leaks worth a warning, not an error."""
+    first_label: dict[str, int] = {}
+    duplicates = conflicts = 0
+    for text, label in zip(train.texts, train_ids):
+        if text in first_label:
+            duplicates += 1
+            conflicts += int(first_label[text] != label)
+        else:
+            first_label[text] = int(label)
+    overlap = sum(text in first_label for text in evaluation.texts)
+    return {"duplicate_train_texts": duplicates, "conflicting_train_labels": conflicts,
+            "eval_texts_also_in_train": overlap}
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+@dataclass
+class Encoded:
+    """Token ids of one split, unpadded; padding happens per batch."""
+
+    input_ids: list[np.ndarray]
+    token_type_ids: list[np.ndarray] | None
+    labels: np.ndarray
+    truncated: int
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def cache_root(configured: Path | None) -> Path:
+    return Path(configured or os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab")
+
+
+def encode(table: Table, label_ids: np.ndarray, tokenizer, max_length: int, cache_dir: Path | None) -> Encoded:
+    """Tokenise once; the result is cached on disk keyed by texts, tokenizer and max_length."""
+    with_types = table.pairs is not None and "token_type_ids" in tokenizer.model_input_names
+    key = _cache_key(table, tokenizer, max_length)
+    path = cache_root(cache_dir) / "tokens" / f"{key}.npz"
+    if path.is_file():
+        try:
+            return _read_tokens(path, label_ids, with_types)
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is rebuilt below
+    # Ask for one token more than allowed, so truncation can be counted without a second pass.
+    full = tokenizer(table.texts, table.pairs, truncation=True, max_length=max_length + 1,
+                     return_attention_mask=False, return_token_type_ids=with_types)
+    truncated = sum(len(ids) > max_length for ids in full["input_ids"])
+    if truncated:
+        full = tokenizer(table.texts, table.pairs, truncation=True, max_length=max_length,
+                         return_attention_mask=False, return_token_type_ids=with_types)
+    ids = [np.asarray(x, dtype=np.int32) for x in full["input_ids"]]
+    types = [np.asarray(x, dtype=np.int8) for x in full["token_type_ids"]] if with_types else None
+    _write_tokens(path, ids, types, truncated)
+    return Encoded(ids, types, label_ids, truncated)
+
+
+def _cache_key(table: Table, tokenizer, max_length: int) -> str:
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    digest.update(f"|{max_length}|{tokenizer.model_input_names}|".encode())
+    for texts in (table.texts, table.pairs or []):
+        digest.update(str(len(texts)).encode())
+        for text in texts:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
+    return digest.hexdigest()[:32]
+
+
+def _write_tokens(path: Path, ids: list[np.ndarray], types: list[np.ndarray] | None, truncated: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    offsets = np.cumsum([0] + [len(x) for x in ids], dtype=np.int64)
+    arrays = {"ids": np.concatenate(ids) if ids else np.zeros(0, np.int32), "offsets": offsets,
+              "truncated": np.asarray(truncated)}
+    if types is not None:
+        arrays["types"] = np.concatenate(types)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(tmp, path)
+
+
+def _read_tokens(path: Path, label_ids: np.ndarray, with_types: bool) -> Encoded:
+    with np.load(path, allow_pickle=False) as stored:
+        offsets = stored["offsets"]
+        flat = stored["ids"]
+        ids = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        types = None
+        if with_types:
+            flat_types = stored["types"]
+            types = [flat_types[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        return Encoded(ids, types, label_ids, int(stored["truncated"]))
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class LengthGroupedBatches:
+    """Batches of indices; with grouping, texts of similar length share a batch (less padding).
+
+    Training order is seeded by (seed, epoch): reproducible and resumable. Evaluation batches
+    are sorted longest first, the order that pads least.
+    """
+
+    MEGABATCH = 50  # batches per sorted window: small enough to keep the order random
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, shuffle: bool, group_by_length: bool, seed: int = 0):
+        self.lengths, self.batch_size = lengths, batch_size
+        self.shuffle, self.group_by_length, self.seed = shuffle, group_by_length, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        n, size = len(self.lengths), self.batch_size
+        if not self.shuffle:
+            order = np.argsort(-self.lengths, kind="stable") if self.group_by_length else np.arange(n)
+            yield from (order[i : i + size].tolist() for i in range(0, n, size))
+            return
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(n)
+        if not self.group_by_length:
+            yield from (order[i : i + size].tolist() for i in range(0, n, size))
+            return
+        window = size * self.MEGABATCH
+        batches = []
+        for start in range(0, n, window):
+            chunk = order[start : start + window]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
+        for b in rng.permutation(len(batches)):
+            yield batches[b].tolist()
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    def __init__(self, encoded: Encoded):
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int) -> int:
+        return i  # the collator reads the arrays directly: no per-item dicts
+
+
+class Collator:
+    """Pads a batch to its longest text (optionally to a multiple, for GPU tensor cores)."""
+
+    def __init__(self, encoded: Encoded, pad_id: int, pad_to_multiple_of: int = 1):
+        self.encoded, self.pad_id, self.multiple = encoded, pad_id, pad_to_multiple_of
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        seqs = [self.encoded.input_ids[i] for i in indices]
+        width = max(len(s) for s in seqs)
+        width = -(-width // self.multiple) * self.multiple
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                 "labels": torch.from_numpy(self.encoded.labels[indices]),
+                 "index": torch.as_tensor(indices, dtype=torch.int64)}
+        if self.encoded.token_type_ids is not None:
+            types = np.zeros((len(seqs), width), dtype=np.int64)
+            for row, i in enumerate(indices):
+                types[row, : len(self.encoded.token_type_ids[i])] = self.encoded.token_type_ids[i]
+            batch["token_type_ids"] = torch.from_numpy(types)
+        return batch
+
+
+def make_loader(encoded: Encoded, batch_size: int, shuffle: bool, group_by_length: bool, seed: int,
+                pad_id: int, pad_to_multiple_of: int = 1) -> torch.utils.data.DataLoader:
+    sampler = LengthGroupedBatches(encoded.lengths, batch_size, shuffle, group_by_length, seed)
+    return torch.utils.data.DataLoader(EncodedDataset(encoded), batch_sampler=sampler,
+                                       collate_fn=Collator(encoded, pad_id, pad_to_multiple_of))

@@ -1,0 +1,51 @@
+"""Run a classifier over a loader and score it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from peftlab.metrics import classification_metrics
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+@dataclass
+class Predictions:
+    """Per-example outputs in the dataset's own row order."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    losses: np.ndarray
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.logits.argmax(axis=-1)
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, loader, accelerator) -> Predictions:
+    """Logits and per-example losses, gathered across processes without padding duplicates."""
+    model.eval()
+    chunks: list[tuple[torch.Tensor, ...]] = []
+    for batch in loader:
+        logits = model(**model_inputs(batch)).logits.float()
+        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+        chunks.append(accelerator.gather_for_metrics((logits, batch["labels"], losses, batch["index"])))
+    logits, labels, losses, index = (torch.cat([c[i] for c in chunks]).cpu().numpy() for i in range(4))
+    order = np.argsort(index, kind="stable")  # batches come sorted by length; restore row order
+    return Predictions(logits[order], labels[order], losses[order])
+
+
+def evaluate(model: torch.nn.Module, loader, accelerator, names: list[str]) -> dict[str, Any]:
+    predictions = predict(model, loader, accelerator)
+    metrics = classification_metrics(predictions.labels, predictions.predicted, names)
+    return {"eval_loss": float(predictions.losses.mean()), **metrics}

@@ -1,0 +1,269 @@
+"""Fine-tuning methods (full, head, and peft's LoRA / DoRA / LoRA+ / IA3 / any peft config).
+
+Every method is built on peft; this module only decides which modules they touch, which
+parameters train, and how they are saved and loaded back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from peftlab.config import FullMethod, HeadMethod, IA3Method, LoraMethod, LoraPlusMethod, PeftMethod
+
+HEAD_WEIGHTS = "head_model.safetensors"
+
+# Module-name patterns per architecture (model_type), matched against full module names.
+_BERT_FFN = r"\.(intermediate\.dense|layer\.\d+\.output\.dense)$"
+ARCHITECTURE_TARGETS: dict[str, dict[str, str]] = {
+    "distilbert": {"attention": r"\.attention\.(q_lin|k_lin|v_lin|out_lin)$", "feedforward": r"\.ffn\.(lin1|lin2)$"},
+    "bert": {"attention": r"\.attention\.(self\.(query|key|value)|output\.dense)$", "feedforward": _BERT_FFN},
+    "deberta-v2": {"attention": r"\.attention\.(self\.(query_proj|key_proj|value_proj)|output\.dense)$",
+                   "feedforward": _BERT_FFN},
+    "modernbert": {"attention": r"\.attn\.(Wqkv|Wo)$", "feedforward": r"\.mlp\.(Wi|Wo)$"},
+    "mpnet": {"attention": r"\.attn\.(q|k|v|o)$", "feedforward": _BERT_FFN},
+}
+for _alias in ("roberta", "xlm-roberta", "electra", "camembert"):
+    ARCHITECTURE_TARGETS[_alias] = ARCHITECTURE_TARGETS["bert"]
+
+
+class MethodError(ValueError):
+    """A method setting that does not fit the model (unknown target module, ...)."""
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Top-level modules outside the pretrained encoder: the task head, always trained and saved."""
+    prefix = model.base_model_prefix
+    return [name for name, child in model.named_children()
+            if name != prefix and any(True for _ in child.parameters())]
+
+
+def linear_modules(model: nn.Module) -> list[str]:
+    """Names of the encoder's linear layers (head and pooler excluded)."""
+    prefix = model.base_model_prefix + "."
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith(prefix) and ".pooler." not in name]
+
+
+def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """`attention` / `feedforward` / `all-linear` -> exact module names; explicit names are checked."""
+    linear = linear_modules(model)
+    if isinstance(targets, list):
+        unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+        if unknown:
+            suffixes = sorted({n.split(".")[-1] for n in linear} | {".".join(n.split(".")[-2:]) for n in linear})
+            raise MethodError(f"method.targets {unknown} match no linear layer of this model; "
+                              f"names that exist: {', '.join(suffixes)}")
+        return list(targets)
+    if targets == "all-linear":
+        return linear
+    model_type = model.config.model_type
+    if model_type not in ARCHITECTURE_TARGETS:
+        raise MethodError(f"method.targets={targets!r} is not known for model type {model_type!r}; "
+                          f"use all-linear or list module names ({', '.join(sorted(ARCHITECTURE_TARGETS))} are known)")
+    pattern = re.compile(ARCHITECTURE_TARGETS[model_type][targets])
+    return [name for name in linear if pattern.search(name)]
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _lora_config(method: LoraMethod, model: nn.Module):
+    from peft import LoraConfig, TaskType
+
+    init: Any = True if method.init == "default" else method.init
+    return LoraConfig(task_type=TaskType.SEQ_CLS, r=method.r, lora_alpha=method.alpha,
+                      lora_dropout=method.dropout, bias=method.bias, use_rslora=method.rslora,
+                      use_dora=method.kind == "dora", init_lora_weights=init,
+                      target_modules=resolve_targets(model, method.targets), modules_to_save=head_modules(model))
+
+
+def _ia3_config(method: IA3Method, model: nn.Module):
+    from peft import IA3Config, TaskType
+
+    targets = resolve_targets(model, method.targets)
+    if method.feedforward_targets is not None:
+        feedforward = resolve_targets(model, method.feedforward_targets)
+    elif model.config.model_type in ARCHITECTURE_TARGETS:
+        ffn = set(resolve_targets(model, "feedforward"))
+        feedforward = [t for t in targets if t in ffn]
+    else:
+        raise MethodError("method.feedforward_targets is needed for this architecture (list the feed-forward layers)")
+    missing = [f for f in feedforward if not any(t == f or f.endswith("." + t) or t.endswith("." + f) for t in targets)]
+    if missing:
+        raise MethodError(f"method.feedforward_targets {missing} must also be in method.targets")
+    return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=targets, feedforward_modules=feedforward,
+                     modules_to_save=head_modules(model))
+
+
+def peft_config_class(name: str):
+    """A peft config class by class name (`VeraConfig`) or method name (`vera`)."""
+    import peft
+
+    candidates = {n: getattr(peft, n) for n in dir(peft) if n.endswith("Config")}
+    classes = {n: c for n, c in candidates.items()
+               if isinstance(c, type) and issubclass(c, peft.PeftConfig) and c is not peft.PeftConfig}
+    by_lower = {n.lower(): c for n, c in classes.items()} | {n[: -len("Config")].lower(): c for n, c in classes.items()}
+    found = classes.get(name) or by_lower.get(name.lower())
+    if found is None:
+        raise ValueError(f"peft has no config {name!r}; available: {', '.join(sorted(classes))}")
+    return found
+
+
+def check_peft_options(name: str, options: dict[str, Any]) -> None:
+    cls = peft_config_class(name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"method.options {unknown} are not fields of {cls.__name__} "
+                         f"(fields: {', '.join(sorted(fields - {'peft_type', 'task_type'}))})")
+    if "task_type" in options:
+        raise ValueError("method.options.task_type is set by peftlab (sequence classification)")
+
+
+def _generic_peft_config(method: PeftMethod, model: nn.Module):
+    from peft import TaskType
+
+    cls = peft_config_class(method.config)
+    options = dict(method.options)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if "target_modules" in fields and isinstance(options.get("target_modules"), str) \
+            and options["target_modules"] in ("attention", "feedforward", "all-linear"):
+        options["target_modules"] = resolve_targets(model, options["target_modules"])
+    if "modules_to_save" in fields and "modules_to_save" not in options:
+        options["modules_to_save"] = head_modules(model)
+    return cls(task_type=TaskType.SEQ_CLS, **options)
+
+
+PEFT_CONFIG_BUILDERS: dict[type, Callable[[Any, nn.Module], Any]] = {
+    LoraMethod: _lora_config, LoraPlusMethod: _lora_config, IA3Method: _ia3_config, PeftMethod: _generic_peft_config,
+}
+
+
+def apply_method(model: nn.Module, method) -> nn.Module:
+    """Wrap or freeze `model` for the method; the head always trains."""
+    if isinstance(method, FullMethod):
+        model.requires_grad_(True)
+        return model
+    if isinstance(method, HeadMethod):
+        model.requires_grad_(False)
+        for name in head_modules(model):
+            getattr(model, name).requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, PEFT_CONFIG_BUILDERS[type(method)](method, model))
+
+
+def is_peft(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def count_parameters(model: nn.Module) -> dict[str, float]:
+    """Trainable and total parameters of the model as deployed (peft's frozen head copy excluded)."""
+    trainable = total = 0
+    for name, param in model.named_parameters():
+        if ".original_module." in name:
+            continue
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / total}
+
+
+def parameter_groups(model: nn.Module, method, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer groups, decided on purpose:
+
+    - 1-D parameters (biases, LayerNorm, IA3 vectors, DoRA magnitudes) get no weight decay;
+    - for LoRA+, only the 2-D `lora_B` matrices learn at lr * lr_ratio (peft's helper would also
+      boost every 1-D parameter, the head's bias included).
+    """
+    boosted_ratio = method.lr_ratio if isinstance(method, LoraPlusMethod) else None
+    decay, no_decay, boosted = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if boosted_ratio is not None and "lora_B" in name and param.ndim >= 2:
+            boosted.append(param)
+        elif param.ndim < 2:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"}]
+    if boosted:
+        groups.append({"params": boosted, "lr": lr * boosted_ratio, "weight_decay": weight_decay, "name": "lora_B"})
+    return [g for g in groups if g["params"]]
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+INITIAL_ADAPTER = "initial_adapter"
+
+
+def needs_conversion(method) -> bool:
+    """PiSSA / OLoRA rewrite the base weights; saved adapters must be converted to plain LoRA."""
+    return isinstance(method, LoraMethod) and method.init in ("pissa", "olora")
+
+
+def save_initial_adapter(model: nn.Module, directory: Path) -> None:
+    """Keep the adapter as initialised, which peft needs to convert PiSSA / OLoRA at save time."""
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    try:
+        model.save_pretrained(directory / INITIAL_ADAPTER, safe_serialization=True)
+    finally:
+        config.init_lora_weights = init
+
+
+def save_trained(model: nn.Module, method, directory: Path, initial_from: Path | None = None) -> None:
+    """HF layouts: adapter_config.json + adapter_model.safetensors, or a full safetensors model."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if needs_conversion(method):
+        model.save_pretrained(directory, safe_serialization=True,
+                              path_initial_model_for_weight_conversion=str(initial_from / INITIAL_ADAPTER))
+        return
+    if isinstance(method, HeadMethod):
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous() for name in head_modules(model)
+                 for k, v in getattr(model, name).state_dict(prefix=f"{name}.").items()}
+        save_file(state, str(directory / HEAD_WEIGHTS))
+        model.config.save_pretrained(directory)
+        return
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def load_trained(directory: Path, method, base_factory: Callable[[], nn.Module]) -> nn.Module:
+    """Rebuild a saved model: base from `base_factory` plus the saved adapter / head / weights."""
+    directory = Path(directory)
+    if isinstance(method, FullMethod):
+        from peftlab.models import load_classifier
+
+        return load_classifier(str(directory))
+    base = base_factory()
+    if isinstance(method, HeadMethod):
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / HEAD_WEIGHTS))
+        missing = [k for k in state if k not in base.state_dict()]
+        if missing:
+            raise MethodError(f"{directory / HEAD_WEIGHTS}: weights {missing[:3]} do not fit the base model")
+        base.load_state_dict(state, strict=False)
+        return base
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(directory))

@@ -1,0 +1,91 @@
+"""The steps a run and a re-evaluation share: data for a run, the accelerator, a saved model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftlab.config import RunConfig, TrainConfig, apply_overrides, parse_overrides, validate_config
+from peftlab.data import Encoded, Splits, encode, make_loader, prepare_splits
+from peftlab.models import load_base, load_tokenizer
+
+
+class TrainingSetupError(ValueError):
+    """A training setting this machine cannot honour (e.g. fp16 without a GPU)."""
+
+
+
+
+@dataclass
+class RunData:
+    splits: Splits
+    tokenizer: Any
+    train: Encoded
+    eval: Encoded
+
+    def summary(self) -> dict[str, Any]:
+        names = self.splits.labels.names
+        return {"n_train": len(self.train), "n_eval": len(self.eval),
+                "train_class_counts": dict(zip(names, np.bincount(self.train.labels, minlength=len(names)).tolist())),
+                "eval_class_counts": dict(zip(names, np.bincount(self.eval.labels, minlength=len(names)).tolist())),
+                "truncated_train": self.train.truncated, "truncated_eval": self.eval.truncated,
+                "mean_train_tokens": float(self.train.lengths.mean()), **self.splits.notes}
+
+
+def prepare_data(config: RunConfig) -> RunData:
+    """Validate and tokenise both splits; every data error surfaces here, before any model loads."""
+    splits = prepare_splits(config.data)
+    tokenizer = load_tokenizer(config.model.name)
+    cache = config.output.cache_dir
+    train = encode(splits.train, splits.train_ids, tokenizer, config.model.max_length, cache)
+    evaluation = encode(splits.eval, splits.eval_ids, tokenizer, config.model.max_length, cache)
+    return RunData(splits, tokenizer, train, evaluation)
+
+
+def eval_loader(data: RunData, cfg: TrainConfig, pad_multiple: int = 1):
+    return make_loader(data.eval, cfg.eval_batch_size, shuffle=False, group_by_length=True, seed=cfg.seed,
+                       pad_id=data.tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple)
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    on_gpu = torch.cuda.is_available()
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not on_gpu:
+        raise TrainingSetupError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+                       gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
+
+
+def load_run_model(run) -> torch.nn.Module:
+    """The saved classifier of a finished run, rebuilt on its base model."""
+    from peftlab.methods import load_trained
+
+    labels = dict(enumerate(run.labels))
+    return load_trained(run.model_dir, run.config.method, lambda: load_base(run.config.model, labels))
+
+
+def evaluate_run(path: Path | str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Re-evaluate a finished run on its own eval split (or one given by overrides)."""
+    from peftlab.evaluation import evaluate
+    from peftlab.runs import load_run
+
+    run = load_run(path)
+    config = run.config
+    if overrides:
+        raw = apply_overrides(config.model_dump(mode="json"), parse_overrides(overrides))
+        config = validate_config(raw, origin=f"{run.path} + overrides")
+    data = prepare_data(config)
+    if data.splits.labels.names != run.labels:
+        raise ValueError(f"the data's labels {data.splits.labels.names} differ from the run's {run.labels}")
+    accelerator = make_accelerator(config.train)
+    model = accelerator.prepare(load_run_model(run))
+    loader = accelerator.prepare(eval_loader(data, config.train, 8 if torch.cuda.is_available() else 1))
+    return evaluate(model, loader, accelerator, run.labels)
