@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -101,7 +102,8 @@ class LoraMethod(_Strict):
     bias: Literal["none", "all", "lora_only"] = "none"
     rslora: bool = False
     """Scale by alpha/sqrt(r) instead of alpha/r (rank-stabilised LoRA)."""
-    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    init: Literal["default", "gaussian"] = "default"
+    """peft's PiSSA / OLoRA rewrite base weights and cannot yet be converted back with a trained head."""
     targets: Targets = "attention"
     """Module names, or `attention` / `feedforward` / `all-linear` resolved per architecture."""
 
@@ -213,6 +215,18 @@ class RunConfig(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `2e-4` as a string; learning rates are written that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`["method.r=16", "train.epochs=5"]` -> `{"method.r": 16, ...}`; values parse as YAML."""
     parsed: dict[str, Any] = {}
@@ -220,7 +234,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {pair!r} is not of the form section.key=value")
-        parsed[key] = yaml.safe_load(raw) if raw.strip() else None
+        parsed[key] = _yaml(raw) if raw.strip() else None
     return parsed
 
 
@@ -255,7 +269,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = _yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -211,31 +211,9 @@ def parameter_groups(model: nn.Module, method, lr: float, weight_decay: float) -
 # --------------------------------------------------------------------------- save / load
 
 
-INITIAL_ADAPTER = "initial_adapter"
-
-
-def needs_conversion(method) -> bool:
-    """PiSSA / OLoRA rewrite the base weights; saved adapters must be converted to plain LoRA."""
-    return isinstance(method, LoraMethod) and method.init in ("pissa", "olora")
-
-
-def save_initial_adapter(model: nn.Module, directory: Path) -> None:
-    """Keep the adapter as initialised, which peft needs to convert PiSSA / OLoRA at save time."""
-    config = model.peft_config["default"]
-    init, config.init_lora_weights = config.init_lora_weights, True
-    try:
-        model.save_pretrained(directory / INITIAL_ADAPTER, safe_serialization=True)
-    finally:
-        config.init_lora_weights = init
-
-
-def save_trained(model: nn.Module, method, directory: Path, initial_from: Path | None = None) -> None:
+def save_trained(model: nn.Module, method, directory: Path) -> None:
     """HF layouts: adapter_config.json + adapter_model.safetensors, or a full safetensors model."""
     directory.mkdir(parents=True, exist_ok=True)
-    if needs_conversion(method):
-        model.save_pretrained(directory, safe_serialization=True,
-                              path_initial_model_for_weight_conversion=str(initial_from / INITIAL_ADAPTER))
-        return
     if isinstance(method, HeadMethod):
         from safetensors.torch import save_file
 

@@ -15,8 +15,7 @@ from peftlab import environment
 from peftlab.config import RunConfig, TrainConfig
 from peftlab.data import make_loader
 from peftlab.evaluation import evaluate, model_inputs
-from peftlab.methods import (apply_method, count_parameters, needs_conversion, parameter_groups,
-                             save_initial_adapter, save_trained)
+from peftlab.methods import apply_method, count_parameters, parameter_groups, save_trained
 from peftlab.metrics import headline, is_better
 from peftlab.models import load_base
 from peftlab.pipeline import RunData, eval_loader, make_accelerator, prepare_data
@@ -168,8 +167,6 @@ def train(config: RunConfig) -> Path:
         run.save_config(config)
         run.write_json(LABELS, {"labels": names, "id2label": data.splits.labels.id2label,
                                 "label2id": data.splits.labels.label2id})
-        if needs_conversion(config.method):
-            save_initial_adapter(model, run.work)
 
     cfg = config.train
     pad_multiple = 8 if torch.cuda.is_available() else 1
@@ -188,7 +185,7 @@ def train(config: RunConfig) -> Path:
     def keep_best() -> None:
         if run and config.output.save_model:
             unwrapped = accelerator.unwrap_model(model)
-            run.save_model(lambda d: (save_trained(unwrapped, config.method, d, run.work),
+            run.save_model(lambda d: (save_trained(unwrapped, config.method, d),
                                       data.tokenizer.save_pretrained(d)))
 
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -1,0 +1,112 @@
+"""Tiny random-initialised encoders, a word-level tokenizer and a learnable toy task: no downloads."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from peftlab.config import RunConfig, validate_config
+
+POSITIVE = ["good", "great", "fine", "lovely"]
+NEGATIVE = ["bad", "awful", "poor", "dull"]
+FILLER = [f"w{i}" for i in range(40)]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def toy_rows(n: int, seed: int) -> pd.DataFrame:
+    """Label = whether the text holds a positive or a negative word, among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["neg", "pos"])
+        words = [rng.choice(FILLER) for _ in range(rng.randint(3, 12))]
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label == "pos" else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": label})
+    return pd.DataFrame(rows)
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + POSITIVE + NEGATIVE + FILLER)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
+def tiny_config(arch: str, vocab_size: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, pad_token_id=0)
+    if arch == "distilbert":
+        return tf.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, **common)
+    if arch == "bert":
+        return tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             max_position_embeddings=64, **common)
+    if arch == "roberta":
+        return tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                max_position_embeddings=70, bos_token_id=2, eos_token_id=3, **common)
+    if arch == "deberta-v2":
+        return tf.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=64, relative_attention=True, pos_att_type=["c2p", "p2c"],
+                                  position_buckets=16, **common)
+    raise ValueError(arch)
+
+
+ARCHS = ["distilbert", "bert", "roberta", "deberta-v2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """One saved tiny base model (safetensors + tokenizer) per architecture."""
+    import torch
+    from transformers import AutoModel
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = build_tokenizer()
+    paths = {}
+    for arch in ARCHS:
+        torch.manual_seed(0)
+        model = AutoModel.from_config(tiny_config(arch, len(tokenizer)))
+        model.save_pretrained(root / arch)
+        tokenizer.save_pretrained(root / arch)
+        paths[arch] = root / arch
+    return paths
+
+
+@pytest.fixture(scope="session")
+def toy_files(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("toy")
+    toy_rows(240, seed=1).to_csv(root / "train.csv", index=False)
+    toy_rows(80, seed=2).to_csv(root / "eval.csv", index=False)
+    return root / "train.csv", root / "eval.csv"
+
+
+@pytest.fixture
+def make_config(tiny_models, toy_files, tmp_path):
+    """A validated RunConfig for a tiny model on the toy task; keyword sections override."""
+
+    def make(arch: str = "bert", **sections: dict[str, Any]) -> RunConfig:
+        raw: dict[str, Any] = {
+            "model": {"name": str(tiny_models[arch]), "max_length": 32},
+            "data": {"train_file": str(toy_files[0]), "eval_file": str(toy_files[1])},
+            "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"epochs": 3, "batch_size": 16, "lr": 5e-3, "log_every_steps": 5},
+            "output": {"dir": str(tmp_path / "runs"), "name": "toy", "progress": False,
+                       "cache_dir": str(tmp_path / "cache")},
+        }
+        for section, values in sections.items():
+            raw[section] = values if section == "method" else {**raw.get(section, {}), **values}
+        return validate_config(raw)
+
+    return make

@@ -1,0 +1,44 @@
+"""The real packaged all-MiniLM-L6-v2 on real tweets (slow: seconds to minutes on 2 CPU cores)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peftlab.config import load_config, validate_config
+from peftlab.runs import load_run
+from peftlab.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_lora_on_minilm_beats_the_majority_class(tmp_path):
+    config = validate_config({
+        "model": {"name": "minilm", "max_length": 64},
+        "data": {"source": "tweets", "n_train": 480, "n_eval": 300},
+        "method": {"kind": "lora", "r": 8, "alpha": 16, "targets": "attention"},
+        "train": {"epochs": 3, "lr": 1e-3, "batch_size": 16, "warmup_ratio": 0.1},
+        "output": {"dir": str(tmp_path), "name": "minilm", "progress": False, "cache_dir": str(tmp_path / "cache")},
+    })
+    summary = load_run(train(config)).summary
+    eval_counts = np.array(list(summary["data"]["eval_class_counts"].values()))
+    majority = eval_counts.max() / eval_counts.sum()
+    assert summary["best"]["accuracy"] > majority + 0.05, (summary["best"]["accuracy"], majority)
+    assert summary["trainable_share"] < 0.01
+
+
+def test_quickstart_command_runs_end_to_end(tmp_path):
+    peftlab = [sys.executable, "-m", "peftlab"]
+    overrides = [f"output.dir={tmp_path}", f"output.cache_dir={tmp_path / 'cache'}", "output.progress=false"]
+    done = subprocess.run([*peftlab, "train", str(ROOT / "configs" / "quickstart.yaml"), *overrides],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resolved config:" in done.stdout
+    run = tmp_path / load_config(ROOT / "configs" / "quickstart.yaml").output.name
+    summary = load_run(run).summary
+    assert summary["best"]["f1_macro"] > 0.5 and summary["data"]["n_train"] == 2000
+    again = subprocess.run([*peftlab, "eval", str(run)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "matches the run's saved best evaluation" in again.stdout, again.stderr[-3000:]
