@@ -1,6 +1,5 @@
 """Every method on every architecture: what trains, what stays frozen, save -> load -> same predictions."""
 
-import numpy as np
 import pytest
 import torch
 

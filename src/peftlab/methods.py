@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from peftlab.config import FullMethod, HeadMethod, IA3Method, LoraMethod, LoraPlusMethod, PeftMethod

@@ -52,17 +52,21 @@ class RunDir:
     work: Path
 
     @classmethod
-    def create(cls, output: OutputConfig, default_name: str) -> "RunDir":
+    def reserve(cls, output: OutputConfig, default_name: str) -> "RunDir":
+        """Name the run and check it is free, before any work is spent; nothing is written yet."""
         name = output.name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         final = Path(output.dir) / name
         if is_finished(final) and not output.overwrite:
             raise RunError(f"run {final} already exists; choose output.name or set output.overwrite=true")
-        work = final.with_name(name + INCOMPLETE)
+        return cls(final=final, work=final.with_name(name + INCOMPLETE))
+
+    def create(self) -> "RunDir":
+        work = self.work
         if work.exists():
             print(f"peftlab: removing the unfinished run left at {work}")
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        return cls(final=final, work=work)
+        return self
 
     def save_config(self, config: RunConfig) -> None:
         atomic_write_text(self.work / CONFIG, config.to_yaml())

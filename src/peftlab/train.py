@@ -156,12 +156,13 @@ def train(config: RunConfig) -> Path:
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     accelerator = make_accelerator(config.train)
+    run = RunDir.reserve(config.output, config.method.kind) if accelerator.is_main_process else None
     data = prepare_data(config)
     names = data.splits.labels.names
     set_seed(config.train.seed)
     model = apply_method(load_base(config.model, data.splits.labels.id2label), config.method)
     counts = count_parameters(model)
-    run = RunDir.create(config.output, config.method.kind) if accelerator.is_main_process else None
+    run = run.create() if run else None
     _announce(config, data, counts, run, accelerator)
     if run:
         run.save_config(config)
