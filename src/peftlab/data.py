@@ -329,13 +329,10 @@ def encode(table: Table, label_ids: np.ndarray, tokenizer, max_length: int, cach
             return _read_tokens(path, label_ids, with_types)
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is rebuilt below
-    # Ask for one token more than allowed, so truncation can be counted without a second pass.
-    full = tokenizer(table.texts, table.pairs, truncation=True, max_length=max_length + 1,
+    full = tokenizer(table.texts, table.pairs, truncation=True, max_length=max_length,
                      return_attention_mask=False, return_token_type_ids=with_types)
-    truncated = sum(len(ids) > max_length for ids in full["input_ids"])
-    if truncated:
-        full = tokenizer(table.texts, table.pairs, truncation=True, max_length=max_length,
-                         return_attention_mask=False, return_token_type_ids=with_types)
+    # Fast tokenizers keep what truncation cut off, so counting truncated texts needs no second pass.
+    truncated = sum(bool(e.overflowing) for e in full.encodings)
     ids = [np.asarray(x, dtype=np.int32) for x in full["input_ids"]]
     types = [np.asarray(x, dtype=np.int8) for x in full["token_type_ids"]] if with_types else None
     _write_tokens(path, ids, types, truncated)
