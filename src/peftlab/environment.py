@@ -8,6 +8,7 @@ import platform
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -40,9 +41,30 @@ def git_revision() -> str | None:
         return None
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak: runs of a study share one process, and each must report its own peak.
+    Linux resets the resident high-water mark (VmHWM) on writing 5 to clear_refs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak stays process-wide, which only overstates later runs
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory_mb() -> dict[str, float]:
-    """Peak resident memory of this process (and peak GPU memory allocated, on a GPU)."""
-    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    """Peak resident memory since the last reset (and peak GPU memory allocated, on a GPU)."""
+    peak = {"peak_rss_mb": _resident_high_water_kb() / 1024}
     if torch.cuda.is_available():
         peak["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return peak
+
+
+def _resident_high_water_kb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -6,6 +6,8 @@ from peftlab.methods import MethodError
 from peftlab.models import ModelLoadError
 from peftlab.pipeline import TrainingSetupError
 from peftlab.runs import RunError
+from peftlab.study import StudyError
 from peftlab.train import NonFiniteLossError
 
-USER_ERRORS = (ConfigError, DataError, MethodError, ModelLoadError, TrainingSetupError, RunError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, DataError, MethodError, ModelLoadError, TrainingSetupError, RunError, StudyError,
+               NonFiniteLossError)

@@ -155,6 +155,7 @@ def train(config: RunConfig) -> Path:
 
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
+    environment.reset_peak_memory()
     accelerator = make_accelerator(config.train)
     run = RunDir.reserve(config.output, config.method.kind) if accelerator.is_main_process else None
     data = prepare_data(config)
