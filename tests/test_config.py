@@ -69,7 +69,7 @@ def test_every_shipped_config_validates(path):
 
 
 def test_print_config_prints_the_resolved_config(capsys):
-    assert main(["train", str(ROOT / "configs" / "quickstart.yaml"), "--print-config", "method.r=4"]) == 0
+    assert main(["train", str(ROOT / "configs" / "tweets-lora.yaml"), "--print-config", "method.r=4"]) == 0
     out = capsys.readouterr().out
     assert "  r: 4\n" in out and "max_grad_norm: 1.0" in out
 

@@ -30,15 +30,32 @@ def test_lora_on_minilm_beats_the_majority_class(tmp_path):
     assert summary["trainable_share"] < 0.01
 
 
-def test_quickstart_command_runs_end_to_end(tmp_path):
+def test_single_run_command_runs_end_to_end_and_eval_reproduces_it(tmp_path):
     peftlab = [sys.executable, "-m", "peftlab"]
     overrides = [f"output.dir={tmp_path}", f"output.cache_dir={tmp_path / 'cache'}", "output.progress=false"]
-    done = subprocess.run([*peftlab, "train", str(ROOT / "configs" / "quickstart.yaml"), *overrides],
+    done = subprocess.run([*peftlab, "train", str(ROOT / "configs" / "tweets-lora.yaml"), *overrides],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resolved config:" in done.stdout
-    run = tmp_path / load_config(ROOT / "configs" / "quickstart.yaml").output.name
+    run = tmp_path / load_config(ROOT / "configs" / "tweets-lora.yaml").output.name
     summary = load_run(run).summary
     assert summary["best"]["f1_macro"] > 0.5 and summary["data"]["n_train"] == 2000
     again = subprocess.run([*peftlab, "eval", str(run)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "matches the run's saved best evaluation" in again.stdout, again.stderr[-3000:]
+
+
+def test_quickstart_study_runs_end_to_end_and_writes_its_report(tmp_path):
+    """The README's quick start, at smaller sizes: every method, a report, a rerun that does nothing."""
+    command = [sys.executable, "-m", "peftlab", "study", str(ROOT / "studies" / "quickstart.yaml"), "seeds=1",
+               "data.n_train=240", "data.n_eval=150", "train.epochs=1", f"output.dir={tmp_path}",
+               f"output.cache_dir={tmp_path / 'cache'}", "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = tmp_path / "quickstart"
+    assert sorted(p.name for p in study.iterdir()) == ["full-seed42", "ia3-seed42", "lora-seed42",
+                                                       "loraplus-seed42", "report", "study.json"]
+    assert f"report: {study / 'report' / 'report.html'}" in done.stdout
+    markdown = (study / "report" / "report.md").read_text()
+    assert "### Against the baseline: full" in markdown and "| ia3 | 1 |" in markdown
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "(4 finished, 0 to run)" in again.stdout and "=== run" not in again.stdout

@@ -119,3 +119,24 @@ def test_killed_study_resumes_without_losing_or_repeating_runs(make_study, tmp_p
         evals = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line)["type"] == "eval"]
         assert [e["epoch"] for e in evals] == [1, 2, 3, 4, 5, 6]  # the redone run did not append to the killed one
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_study_expands_and_validates(path):
+    study = load_study(path)
+    assert study.cells and study.baseline_label() in [c.label for c in study.cells]
+    assert len({r.path for r in study.runs}) == len(study.runs)
+    offline = path.parent.name == "offline" or path.stem == "quickstart"
+    assert all((r.config.model.name == "minilm") == offline for r in study.runs)
+
+
+def test_each_hub_preset_has_an_offline_twin_with_the_same_grid():
+    presets = sorted((ROOT / "studies").glob("[a-e]-*.yaml"))
+    twins = {p.stem[0]: p for p in (ROOT / "studies" / "offline").glob("*.yaml")}
+    assert [p.stem[0] for p in presets] == list("abcde")
+    for preset in presets:
+        hub, twin = load_study(preset), load_study(twins[preset.stem[0]])
+        for aspect in (lambda c: c.config.method.kind, lambda c: getattr(c.config.method, "r", None),
+                       lambda c: getattr(c.config.method, "dropout", None)):
+            assert {aspect(c) for c in twin.cells} == {aspect(c) for c in hub.cells}, preset.name
+        assert twin.spec.seed_list() == hub.spec.seed_list()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,9 +40,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from peftlab.study import describe, load_study
+    from peftlab.study import check_finished_runs, describe, load_study
 
     study = load_study(args.study, args.overrides)
+    check_finished_runs(study)  # before the plan is shown: a [done] run must really be this cell's
     print(describe(study))
     if args.dry_run:
         return 0
@@ -131,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"peftlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `peftlab study S --dry-run | head`: the reader left; exit quietly as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print(f"peftlab {args.command}: interrupted", file=sys.stderr)
         return 130

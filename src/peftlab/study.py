@@ -103,7 +103,7 @@ class Study:
             if wanted == cell.label or (isinstance(wanted, dict) and _matches(cell.config, wanted)):
                 return cell.label
         raise StudyError(f"{self.origin}: baseline {wanted!r} matches no cell "
-                         f"(cells: {', '.join(c.label for c in self.cells)})")
+                         f"(cells: {' | '.join(c.label for c in self.cells)})")
 
 
 # --------------------------------------------------------------------------- loading and expanding
@@ -124,7 +124,9 @@ def load_study(path: Path | str, overrides: list[str] | None = None) -> Study:
     base = read_yaml(path.parent / spec.base) if spec.base else {}
     base = _merge(base, spec.config)
     base = apply_overrides(base, config_overrides)
-    return expand(spec, base, path)
+    study = expand(spec, base, path)
+    study.baseline_label()  # an unmatched baseline fails now, not after the runs
+    return study
 
 
 def expand(spec: StudySpec, base: dict[str, Any], origin: Path) -> Study:
@@ -241,7 +243,7 @@ def _matches(config: RunConfig, wanted: dict[str, Any]) -> bool:
         node: Any = data
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        if node != (_yaml(value) if isinstance(value, str) and value != node else value):
+        if node != value and not (isinstance(value, str) and node == _yaml(value)):
             return False
     return True
 
