@@ -139,3 +139,15 @@ def test_tokens_are_cached_and_batches_padded_dynamically(tmp_path):
     batch = next(iter(make_loader(first, 4, shuffle=False, group_by_length=False, seed=0, pad_id=0)))
     assert batch["input_ids"].shape[1] == max(first.lengths[:4])
     assert (batch["attention_mask"].sum(1).numpy() == first.lengths[:4]).all()
+
+
+def test_a_one_megabyte_text_is_truncated_and_counted(tmp_path, make_config):
+    from peftlab.pipeline import prepare_data
+
+    rows = toy_rows(40, seed=3).to_dict("records")
+    rows[5]["text"] = ("good " + "w1 " * 400) * 900  # over 1 MB in one cell
+    assert len(rows[5]["text"]) > 1_000_000
+    train_file = write_csv(tmp_path / "long.csv", rows)
+    data = prepare_data(make_config("bert", data={"train_file": str(train_file)}))
+    assert data.summary()["truncated_train"] == 1
+    assert data.train.lengths.max() == 32  # model.max_length of the tiny config

@@ -137,3 +137,23 @@ def test_pickle_only_model_is_refused(tiny_models, tmp_path):
     with pytest.raises(ModelLoadError, match="no safetensors weights.*model.allow_pickle=true"):
         load_classifier(str(tmp_path / "bin"), LABELS)
     assert load_classifier(str(tmp_path / "bin"), LABELS, allow_pickle=True) is not None
+
+
+def test_model_that_needs_remote_code_is_refused_and_its_code_never_runs(tiny_models, tmp_path):
+    import json
+    import shutil
+
+    from peftlab.models import ModelLoadError
+
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_models["bert"], custom)
+    config = json.loads((custom / "config.json").read_text())
+    config |= {"model_type": "custom-encoder",
+               "auto_map": {"AutoConfig": "modeling_custom.CustomConfig",
+                            "AutoModelForSequenceClassification": "modeling_custom.CustomModel"}}
+    (custom / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "code-ran"
+    (custom / "modeling_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(ModelLoadError, match="needs remote code, which peftlab does not run"):
+        load_classifier(str(custom), LABELS)
+    assert not marker.exists()

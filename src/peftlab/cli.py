@@ -12,13 +12,19 @@ from pathlib import Path
 def _train(args: argparse.Namespace) -> int:
     from peftlab.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    # `resume=auto` / `resume=PATH` is how to run, not part of the experiment: it stays out of the config.
+    resume = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("resume=")), None)
+    config = load_config(args.config, [o for o in args.overrides if not o.startswith("resume=")])
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
-    from peftlab.train import train
+    from peftlab.train import TrainingInterrupted, train
 
-    train(config)
+    try:
+        train(config, resume=resume)
+    except TrainingInterrupted as exc:
+        print(f"peftlab train: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 
@@ -48,8 +54,13 @@ def _study(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     from peftlab.study import run_study
+    from peftlab.train import TrainingInterrupted
 
-    failures = run_study(study, progress=not args.no_progress)
+    try:
+        failures = run_study(study, progress=not args.no_progress)
+    except TrainingInterrupted as exc:
+        print(f"peftlab study: {exc}; run the study again to go on", file=sys.stderr)
+        return exc.exit_code
     if not args.no_report and any(study.directory.iterdir()):
         from peftlab.report import write_report
 
@@ -84,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train and evaluate one run from a config",
                                 description="Train one run. Overrides are dotted keys: method.r=16 train.epochs=5")
     train.add_argument("config", type=Path, help="YAML config file")
-    train.add_argument("overrides", nargs="*", help="section.key=value overrides (values parse as YAML)")
+    train.add_argument("overrides", nargs="*", help="section.key=value overrides (values parse as YAML); "
+                       "resume=auto or resume=PATH continues from a checkpoint of this run")
     train.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
     train.set_defaults(func=_train)
 

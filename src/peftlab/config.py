@@ -179,6 +179,14 @@ class TrainConfig(_Strict):
     """Batch texts of similar length together (seeded), so padding is small."""
     num_threads: int | None = Field(None, ge=1)
     """torch CPU threads; default leaves torch's choice."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Also checkpoint every N optimizer steps (for `resume=auto` after a crash or pre-emption)."""
+    checkpoint_each_epoch: bool = True
+    """Checkpoint at the end of every epoch but the last."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept while the run is going; all are removed once it finishes (model/ holds the best)."""
+    skip_nonfinite_steps: int = Field(0, ge=0)
+    """Skip up to this many steps whose loss is NaN/inf (no update); one more stops the run."""
 
     @model_validator(mode="after")
     def _warmup(self) -> "TrainConfig":
@@ -289,6 +297,25 @@ def validate_config(raw: dict[str, Any], origin: str = "config") -> RunConfig:
 def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConfig:
     raw = apply_overrides(read_yaml(Path(path)), parse_overrides(overrides or []))
     return validate_config(raw, origin=str(path))
+
+
+NOT_EXPERIMENT_KEYS = frozenset({"output.overwrite", "output.progress", "output.cache_dir"})
+
+
+def config_differences(saved: dict[str, Any], expected: dict[str, Any], ignore=NOT_EXPERIMENT_KEYS,
+                       prefix: str = "") -> list[str]:
+    """`train.lr: 0.005 there, 0.001 here` for every dotted key whose value differs."""
+    out = []
+    for key in sorted(set(saved) | set(expected)):
+        dotted = f"{prefix}{key}"
+        if dotted in ignore:
+            continue
+        a, b = saved.get(key), expected.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, ignore, dotted + ".")
+        elif a != b:
+            out.append(f"{dotted}: {a!r} there, {b!r} here")
+    return out
 
 
 def _describe_error(err: dict[str, Any], raw: dict[str, Any]) -> str:

@@ -60,6 +60,12 @@ def make_accelerator(cfg: TrainConfig):
         precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and not on_gpu:
         raise TrainingSetupError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    # accelerate keeps the precision in a process-wide singleton that refuses a change; a study runs
+    # many runs in one process, each with its own. (The process group, in PartialState, stays.)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                        gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from peftlab.config import OutputConfig, RunConfig, validate_config
 
 CONFIG, METRICS, SUMMARY, LABELS, MODEL = "config.yaml", "metrics.jsonl", "summary.json", "labels.json", "model"
+CHECKPOINTS = "checkpoints"
 INCOMPLETE = ".incomplete"
 
 
@@ -60,13 +61,26 @@ class RunDir:
             raise RunError(f"run {final} already exists; choose output.name or set output.overwrite=true")
         return cls(final=final, work=final.with_name(name + INCOMPLETE))
 
-    def create(self) -> "RunDir":
+    def create(self, resuming: bool = False) -> "RunDir":
+        """A fresh work directory, or, when resuming, the one the checkpoint lives in."""
         work = self.work
+        if resuming:
+            return self
         if work.exists():
             print(f"peftlab: removing the unfinished run left at {work}")
             shutil.rmtree(work)
         work.mkdir(parents=True)
         return self
+
+    def truncate_log(self, lines: int) -> None:
+        """Back to the metric lines a checkpoint had seen: a resumed run logs the rest once."""
+        path = self.work / METRICS
+        kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:lines] if path.exists() else []
+        atomic_write_text(path, "".join(kept))
+
+    def log_lines(self) -> int:
+        path = self.work / METRICS
+        return sum(1 for _ in open(path, encoding="utf-8")) if path.exists() else 0
 
     def save_config(self, config: RunConfig) -> None:
         atomic_write_text(self.work / CONFIG, config.to_yaml())
@@ -83,6 +97,7 @@ class RunDir:
 
     def finish(self, summary: dict[str, Any]) -> Path:
         """summary.json last, then the rename that makes the run visible as finished."""
+        shutil.rmtree(self.work / CHECKPOINTS, ignore_errors=True)  # model/ holds the best; resume is moot now
         self.write_json(SUMMARY, summary)
         replace_directory(lambda tmp: os.replace(self.work, tmp), self.final)
         return self.final

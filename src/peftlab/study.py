@@ -22,6 +22,7 @@ from peftlab.config import (
     _Strict,
     _yaml,
     apply_overrides,
+    config_differences,
     parse_overrides,
     read_yaml,
     validate_config,
@@ -258,24 +259,10 @@ def check_finished_runs(study: Study) -> None:
             continue
         saved = yaml.safe_load((planned.path / CONFIG).read_text(encoding="utf-8"))
         expected = planned.config.model_dump(mode="json")
-        differences = _differences(saved, expected)
+        differences = config_differences(saved, expected)
         if differences:
             raise StudyError(f"{planned.path} was made with a different config ({'; '.join(differences[:5])}); "
                              f"give the study another name, or remove that run to redo it")
-
-
-def _differences(saved: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(expected)):
-        dotted = f"{prefix}{key}"
-        if dotted in ("output.overwrite", "output.progress", "output.cache_dir"):
-            continue
-        a, b = saved.get(key), expected.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, dotted + ".")
-        elif a != b:
-            out.append(f"{dotted}: {a!r} there, {b!r} here")
-    return out
 
 
 def describe(study: Study) -> str:
@@ -312,7 +299,7 @@ def run_study(study: Study, progress: bool = True) -> dict[str, str]:
             update={"progress": progress and planned.config.output.progress})})
         run_started = time.perf_counter()
         try:
-            train(config)
+            train(config, resume="auto")  # an interrupted run goes on from its last complete checkpoint
         except NonFiniteLossError as exc:
             failures[planned.path.name] = str(exc)
             print(f"run {planned.path.name} failed: {exc}", flush=True)

@@ -3,23 +3,51 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from peftlab import environment
-from peftlab.config import RunConfig, TrainConfig
+from peftlab.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    find_checkpoint,
+    read_checkpoint,
+    restore_optimizer,
+    restore_rng,
+    restore_weights,
+    save_checkpoint,
+)
+from peftlab.config import (
+    NOT_EXPERIMENT_KEYS,
+    RunConfig,
+    TrainConfig,
+    config_differences,
+)
 from peftlab.data import make_loader
 from peftlab.evaluation import evaluate, model_inputs
-from peftlab.methods import apply_method, count_parameters, parameter_groups, save_trained
+from peftlab.methods import (
+    apply_method,
+    count_parameters,
+    parameter_groups,
+    save_trained,
+)
 from peftlab.metrics import headline, is_better
 from peftlab.models import load_base
 from peftlab.pipeline import RunData, eval_loader, make_accelerator, prepare_data
-from peftlab.runs import LABELS, RunDir
+from peftlab.runs import CHECKPOINTS, CONFIG, LABELS, RunDir
+
+# What may change between the first start of a run and its resumption.
+RESUMABLE_CHANGES = NOT_EXPERIMENT_KEYS | {"train.checkpoint_every", "train.checkpoint_each_epoch",
+                                          "train.keep_checkpoints", "train.skip_nonfinite_steps"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -31,15 +59,17 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class Progress:
-    """What the loop has done so far; becomes part of the summary."""
+    """What the loop has done so far; saved in checkpoints and summarised at the end."""
 
     step: int = 0
     epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already trained on; 0 once the epoch is done
     samples: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     evals: int = 0
+    skipped_steps: int = 0
     best: dict[str, Any] | None = None
     last: dict[str, Any] | None = None
     evals_since_best: int = 0
@@ -48,24 +78,38 @@ class Progress:
     epoch_losses: list[float] = field(default_factory=list)
 
 
-def fit(model, optimizer, scheduler, train_loader, sampler, eval_loader_, accelerator, cfg: TrainConfig,
-        names: list[str], log: Callable[[dict], None], keep_best: Callable[[], None], show: bool) -> Progress:
-    """The training loop: forward, backward, clip, step; log, evaluate, keep the best."""
+@dataclass
+class Hooks:
+    """What the loop hands back to the run: logging, keeping the best model, checkpoints, stopping."""
+
+    log: Callable[[dict], None]
+    keep_best: Callable[[], None]
+    checkpoint: Callable[[Progress], None]
+    stop_requested: Callable[[], str | None]
+    restore_rng: Callable[[], None] | None = None  # set when resuming: called once the data is in position
+
+
+def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cfg: TrainConfig, names: list[str],
+        hooks: Hooks, state: Progress, show: bool) -> Progress:
+    """The training loop: forward, backward, clip, step; log, evaluate, keep the best, checkpoint."""
     from tqdm.auto import tqdm
 
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
     total = min(steps_per_epoch * cfg.epochs, cfg.max_steps or math.inf)
-    bar = tqdm(total=total, unit="step", disable=not (show and accelerator.is_main_process), dynamic_ncols=True)
-    state = Progress()
+    bar = tqdm(total=total, initial=state.step, unit="step", disable=not (show and accelerator.is_main_process),
+               dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    for state.epoch in range(1, cfg.epochs + 1):
+    first_epoch = state.epoch if state.batches_in_epoch else state.epoch + 1
+    for state.epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
-        sampler.set_epoch(state.epoch)  # accelerate may wrap the sampler; the order is seeded by epoch
+        batches = _positioned(train_loader, state, hooks)
         started = time.perf_counter()
-        for batch in train_loader:
+        for batch in batches:
             with accelerator.accumulate(model):
                 loss = model(**model_inputs(batch), labels=batch["labels"]).loss
-                _check_finite(loss, state)
+                state.batches_in_epoch += 1
+                if not _finite_or_skipped(loss, state, cfg, optimizer):
+                    continue
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -79,33 +123,61 @@ def fit(model, optimizer, scheduler, train_loader, sampler, eval_loader_, accele
             scheduler.step()
             state.step += 1
             bar.update(1)
+            state.train_seconds += time.perf_counter() - started
             if state.step % cfg.log_every_steps == 0:
-                state.train_seconds += time.perf_counter() - started
-                started = time.perf_counter()
-                _log_train(state, scheduler, bar, log)
+                _log_train(state, scheduler, bar, hooks.log)
             if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
-                state.train_seconds += time.perf_counter() - started
-                _evaluate(model, eval_loader_, accelerator, names, state, cfg, log, keep_best)
-                started = time.perf_counter()
+                _evaluate(model, eval_loader_, accelerator, names, state, cfg, hooks)
                 model.train()
+            if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or hooks.stop_requested():
+                hooks.checkpoint(state)
+            started = time.perf_counter()
             if state.step >= total:
                 break
         state.train_seconds += time.perf_counter() - started
+        state.batches_in_epoch = 0
         if state.last is None or state.last["step"] != state.step:
-            _evaluate(model, eval_loader_, accelerator, names, state, cfg, log, keep_best)
+            _evaluate(model, eval_loader_, accelerator, names, state, cfg, hooks)
         if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
             state.stopped_early = state.step < total
             break
         if state.step >= total:
             break
+        if cfg.checkpoint_each_epoch or hooks.stop_requested():
+            hooks.checkpoint(state)
     bar.close()
     return state
 
 
-def _check_finite(loss: torch.Tensor, state: Progress) -> None:
-    if not torch.isfinite(loss.detach()).all():
-        raise NonFiniteLossError(f"the loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch}); "
-                                 "training stopped before that optimizer step; lower train.lr or check the data")
+def _positioned(train_loader, state: Progress, hooks: Hooks):
+    """This epoch's batches, past those a resumed run already trained on. accelerate's loader re-seeds
+    its sampler from the epoch it is given, so the order is the one the uninterrupted run saw. RNG
+    states are restored only once the loader is in position: starting it draws from the torch RNG,
+    as it did in the uninterrupted run before the checkpoint was taken."""
+    train_loader.set_epoch(state.epoch)
+    batches = iter(train_loader)
+    for _ in range(state.batches_in_epoch):
+        next(batches, None)
+    if hooks.restore_rng:
+        hooks.restore_rng()
+        hooks.restore_rng = None
+    return batches
+
+
+def _finite_or_skipped(loss: torch.Tensor, state: Progress, cfg: TrainConfig, optimizer) -> bool:
+    """True for a finite loss. A non-finite one is skipped (no update) while `skip_nonfinite_steps`
+    allows, else the run stops before the optimizer step."""
+    if torch.isfinite(loss.detach()).all():
+        return True
+    if state.skipped_steps < cfg.skip_nonfinite_steps:
+        state.skipped_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        tqdm_write(f"warning: loss {loss.item()} at step {state.step + 1}; step skipped "
+                   f"({state.skipped_steps} of at most {cfg.skip_nonfinite_steps})")
+        return False
+    raise NonFiniteLossError(f"the loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch}); "
+                             "training stopped before that optimizer step; lower train.lr, check the data, or "
+                             "allow a few skipped steps with train.skip_nonfinite_steps")
 
 
 def _log_train(state: Progress, scheduler, bar, log: Callable[[dict], None]) -> None:
@@ -118,7 +190,7 @@ def _log_train(state: Progress, scheduler, bar, log: Callable[[dict], None]) -> 
          "lr": scheduler.get_last_lr()[0], "samples_per_s": rate})
 
 
-def _evaluate(model, loader, accelerator, names, state: Progress, cfg: TrainConfig, log, keep_best) -> None:
+def _evaluate(model, loader, accelerator, names, state: Progress, cfg: TrainConfig, hooks: Hooks) -> None:
     started = time.perf_counter()
     metrics = evaluate(model, loader, accelerator, names)
     state.eval_seconds += time.perf_counter() - started
@@ -128,11 +200,11 @@ def _evaluate(model, loader, accelerator, names, state: Progress, cfg: TrainConf
     train_loss = float(np.mean(state.epoch_losses)) if state.epoch_losses else None
     state.epoch_losses.clear()
     record = {"type": "eval", "step": state.step, "epoch": state.epoch, "train_loss": train_loss, **metrics}
-    log(record)
+    hooks.log(record)
     state.last = record
     if is_better(cfg.best_metric, metrics[cfg.best_metric], state.best and state.best[cfg.best_metric]):
         state.best, state.evals_since_best = record, 0
-        keep_best()
+        hooks.keep_best()
     else:
         state.evals_since_best += 1
     tqdm_write(f"epoch {state.epoch} step {state.step}: {headline(metrics)}", accelerator)
@@ -148,8 +220,9 @@ def tqdm_write(message: str, accelerator=None) -> None:
 # --------------------------------------------------------------------------- a whole run
 
 
-def train(config: RunConfig) -> Path:
-    """Validate, load, train, evaluate, save: returns the finished run directory."""
+def train(config: RunConfig, resume: str | Path | None = None) -> Path:
+    """Validate, load, train, evaluate, save: returns the finished run directory. `resume`: "auto"
+    (the latest complete checkpoint of this run, or a fresh start) or the path of one checkpoint."""
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -158,14 +231,15 @@ def train(config: RunConfig) -> Path:
     environment.reset_peak_memory()
     accelerator = make_accelerator(config.train)
     run = RunDir.reserve(config.output, config.method.kind) if accelerator.is_main_process else None
+    checkpoint = _checkpoint_to_resume(run, config, resume) if run and resume else None
     data = prepare_data(config)
     names = data.splits.labels.names
     set_seed(config.train.seed)
     model = apply_method(load_base(config.model, data.splits.labels.id2label), config.method)
     counts = count_parameters(model)
-    run = run.create() if run else None
+    run = run.create(resuming=checkpoint is not None) if run else None
     _announce(config, data, counts, run, accelerator)
-    if run:
+    if run and not checkpoint:
         run.save_config(config)
         run.write_json(LABELS, {"labels": names, "id2label": data.splits.labels.id2label,
                                 "label2id": data.splits.labels.label2id})
@@ -174,7 +248,6 @@ def train(config: RunConfig) -> Path:
     pad_multiple = 8 if torch.cuda.is_available() else 1
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, group_by_length=cfg.group_by_length,
                                seed=cfg.seed, pad_id=data.tokenizer.pad_token_id, pad_to_multiple_of=pad_multiple)
-    sampler = train_loader.batch_sampler
     optimizer = torch.optim.AdamW(parameter_groups(model, config.method, cfg.lr, cfg.weight_decay), lr=cfg.lr,
                                   fused=torch.cuda.is_available() or None)
     model, optimizer, train_loader, evaluation_loader = accelerator.prepare(
@@ -183,16 +256,33 @@ def train(config: RunConfig) -> Path:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round((cfg.warmup_ratio or 0.0) * total_steps)
     scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    unwrapped = accelerator.unwrap_model(model)
 
     def keep_best() -> None:
         if run and config.output.save_model:
-            unwrapped = accelerator.unwrap_model(model)
-            run.save_model(lambda d: (save_trained(unwrapped, config.method, d),
-                                      data.tokenizer.save_pretrained(d)))
+            _refuse_non_finite(unwrapped)
+            run.save_model(lambda d: (save_trained(unwrapped, config.method, d), data.tokenizer.save_pretrained(d)))
+
+    def checkpoint_and_maybe_stop(progress: Progress) -> None:
+        """Checkpoint; then, if a signal asked for it, stop with a message saying how to resume."""
+        saved = None
+        if run:
+            _refuse_non_finite(unwrapped)
+            saved = save_checkpoint(run.work / CHECKPOINTS, unwrapped, optimizer, scheduler,
+                                    {"progress": asdict(progress), "metrics_lines": run.log_lines(),
+                                     "accumulation_step": accelerator.step}, keep=cfg.keep_checkpoints)
+        if stop.reason:
+            raise TrainingInterrupted(stop.reason, f"stopped by {stop.reason} after step {progress.step}; "
+                                      f"checkpoint {saved}; run the same command with resume=auto to go on")
 
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
-    state = fit(model, optimizer, scheduler, train_loader, sampler, evaluation_loader, accelerator, cfg, names,
-                log=run.log if run else (lambda record: None), keep_best=keep_best, show=config.output.progress)
+    with StopOnSignal() as stop:
+        hooks = Hooks(log=run.log if run else (lambda record: None), keep_best=keep_best,
+                      checkpoint=checkpoint_and_maybe_stop, stop_requested=lambda: stop.reason)
+        state = _resume(checkpoint, unwrapped, optimizer, scheduler, accelerator, run, hooks) if checkpoint \
+            else Progress()
+        state = fit(model, optimizer, scheduler, train_loader, evaluation_loader, accelerator, cfg, names, hooks,
+                    state, show=config.output.progress)
     accelerator.wait_for_everyone()
     if run is None:
         return config.output.dir
@@ -201,6 +291,77 @@ def train(config: RunConfig) -> Path:
     tqdm_write(f"best {cfg.best_metric} {state.best[cfg.best_metric]:.4f} at epoch {state.best['epoch']}; "
                f"run saved to {final}")
     return final
+
+
+# --------------------------------------------------------------------------- stopping and resuming
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM / SIGINT: the step finished, a checkpoint was written, the run stopped."""
+
+    def __init__(self, signal_name: str, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + int(getattr(signal, signal_name))
+
+
+class StopOnSignal:
+    """SIGTERM and SIGINT ask the loop to finish its step, checkpoint and stop; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.reason and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+        tqdm_write(f"peftlab: {self.reason} received; finishing this step and writing a checkpoint")
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _checkpoint_to_resume(run: RunDir, config: RunConfig, resume: str | Path) -> Checkpoint | None:
+    root = run.work / CHECKPOINTS
+    if str(resume) == "auto":
+        checkpoint = find_checkpoint(root, log=tqdm_write)
+        if checkpoint is None:
+            tqdm_write(f"peftlab: no complete checkpoint under {root}; starting afresh")
+            return None
+    else:
+        path = Path(resume)
+        if path.resolve().parent != root.resolve():
+            raise CheckpointError(f"{path} is not a checkpoint of this run (they are under {root})")
+        checkpoint = read_checkpoint(path)
+    saved = yaml.safe_load((run.work / CONFIG).read_text(encoding="utf-8"))
+    changed = config_differences(saved, config.model_dump(mode="json"), ignore=RESUMABLE_CHANGES)
+    if changed:
+        raise CheckpointError(f"{run.work} was started with another config ({'; '.join(changed[:5])}); resume with "
+                              "the same config, or leave out resume to start afresh")
+    return checkpoint
+
+
+def _resume(checkpoint: Checkpoint, model, optimizer, scheduler, accelerator, run: RunDir, hooks: Hooks) -> Progress:
+    restore_weights(checkpoint, model)
+    restore_optimizer(checkpoint, optimizer, scheduler)
+    accelerator.step = checkpoint.state["accumulation_step"]
+    run.truncate_log(checkpoint.state["metrics_lines"])
+    hooks.restore_rng = lambda: restore_rng(checkpoint)
+    state = Progress(**checkpoint.state["progress"])
+    tqdm_write(f"peftlab: resumed at step {state.step} (epoch {state.epoch}, {state.batches_in_epoch} batches in)")
+    return state
+
+
+def _refuse_non_finite(model: torch.nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if param.requires_grad and not torch.isfinite(param).all():
+            raise NonFiniteLossError(f"parameter {name} became non-finite; nothing was saved from this step on")
 
 
 def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None, accelerator) -> None:
@@ -225,7 +386,7 @@ def _summary(config: RunConfig, data: RunData, counts: dict, state: Progress, st
         "model": config.model.name, "method": config.method.kind,
         "best_metric": config.train.best_metric, "best": state.best, "final": state.last,
         "best_epoch": state.best["epoch"], "best_step": state.best["step"], "epochs_run": state.epoch,
-        "steps": state.step, "stopped_early": state.stopped_early,
+        "steps": state.step, "skipped_steps": state.skipped_steps, "stopped_early": state.stopped_early,
         "train_seconds": state.train_seconds, "train_samples_per_s": state.samples / max(state.train_seconds, 1e-9),
         "train_tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),
         "eval_seconds": state.eval_seconds,

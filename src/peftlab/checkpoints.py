@@ -1,0 +1,219 @@
+"""Training checkpoints that are complete or absent: written aside, fsynced, manifest last, renamed in.
+
+A checkpoint holds what exact resumption needs: the trainable weights, the optimizer and scheduler
+states, the RNG states (python, numpy, torch, cuda), the loop's progress (step, epoch, batches of the
+epoch already seen, best evaluation so far) and how many metric lines were logged. Tensors go to
+safetensors files, everything else to JSON: nothing is ever unpickled on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+_WEIGHTS, _OPTIMIZER, _RNG, _STATE = "trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the file."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict[str, Any]  # progress, scheduler, rng (python/numpy), metrics_lines, accumulation step
+
+    @property
+    def step(self) -> int:
+        return int(self.state["progress"]["step"])
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any],
+                    keep: int) -> Path:
+    """Write `root/step-NNNNNNNN/`; a crash at any moment leaves it complete or absent."""
+    step = int(state["progress"]["step"])
+    final = root / f"step-{step:08d}"
+    tmp = root / f".{final.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        tensors, optimizer_meta = _optimizer_tensors(optimizer.state_dict())
+        save_file(trainable_state(model), tmp / _WEIGHTS)
+        save_file(tensors, tmp / _OPTIMIZER)
+        save_file(_torch_rng(), tmp / _RNG)
+        full_state = {**state, "scheduler": scheduler.state_dict(), "optimizer": optimizer_meta,
+                      "rng": {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state())}}
+        (tmp / _STATE).write_text(json.dumps(full_state, default=float), encoding="utf-8")
+        files = sorted(p.name for p in tmp.iterdir())
+        for name in files:
+            _fsync(tmp / name)
+        manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        _fsync(tmp / MANIFEST)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [c.name for c in _candidates(root) if c != final]
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not write checkpoint {final} ({exc.strerror or exc}); {kept}") from exc
+    for old in _candidates(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters being trained (adapters + head, or everything for full fine-tuning)."""
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state_dict["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _torch_rng() -> dict[str, torch.Tensor]:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return states
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    return value
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _candidates(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+
+def verify(path: Path) -> str | None:
+    """None when every file of the manifest is there with its checksum; else what is wrong."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return f"{manifest_path} is missing (the write did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{manifest_path} is not a valid manifest"
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if _sha256(file) != digest:
+            return f"{file} does not match its checksum (corrupted or truncated)"
+    return None
+
+
+def find_checkpoint(root: Path, log=print) -> Checkpoint | None:
+    """The latest checkpoint under `root` whose manifest verifies; skipped ones are reported."""
+    for path in reversed(_candidates(root)):
+        problem = verify(path)
+        if problem is None:
+            log(f"peftlab: resuming from {path}")
+            return read_checkpoint(path)
+        log(f"peftlab: skipping checkpoint {path.name}: {problem}")
+    return None
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    problem = verify(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
+    return Checkpoint(path, json.loads((path / _STATE).read_text(encoding="utf-8")))
+
+
+def restore_weights(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
+    saved = load_file(str(checkpoint.path / _WEIGHTS))
+    params = dict(model.named_parameters())
+    missing = [name for name, p in params.items() if p.requires_grad and name not in saved]
+    if missing:
+        raise CheckpointError(f"{checkpoint.path / _WEIGHTS} lacks {len(missing)} trained parameter(s), e.g. "
+                              f"{missing[0]}: it was written for another method or model")
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+
+
+def restore_optimizer(checkpoint: Checkpoint, optimizer, scheduler) -> None:
+    tensors = load_file(str(checkpoint.path / _OPTIMIZER))
+    meta = checkpoint.state["optimizer"]
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = tensor
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(checkpoint.state["scheduler"])
+
+
+def restore_rng(checkpoint: Checkpoint) -> None:
+    rng = checkpoint.state["rng"]
+    python = rng["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    tensors = load_file(str(checkpoint.path / _RNG))
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
