@@ -138,3 +138,24 @@ def make_study(tiny_models, toy_files, tmp_path):
         return write_study(tiny_models, toy_files, tmp_path, name, **study)
 
     return make
+
+
+def poison_training_forward(monkeypatch, bad, value: float = float("nan")) -> None:
+    """Multiply the classifier's output by `value` on the training forwards `bad(n)` picks (n from 1),
+    so that the loss of exactly those steps is non-finite."""
+    import peftlab.train as train_module
+
+    real_apply = train_module.apply_method
+
+    def poisoned(model, method):
+        model = real_apply(model, method)
+        calls = {"n": 0}
+
+        def hook(module, args, output):
+            calls["n"] += module.training
+            return output * value if module.training and bad(calls["n"]) else output
+
+        model.base_model.model.classifier.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(train_module, "apply_method", poisoned)

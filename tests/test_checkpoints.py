@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import poison_training_forward
 from safetensors.torch import load_file
 
 import peftlab.checkpoints as checkpoints_module
@@ -145,20 +146,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(make_config
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_non_finite_steps_are_skipped_up_to_the_limit_and_never_saved(make_config, monkeypatch, precision):
-    real_apply = train_module.apply_method
-
-    def poisoned(model, method):
-        model = real_apply(model, method)
-        calls = {"n": 0}
-
-        def hook(module, args, output):
-            calls["n"] += module.training
-            return output * float("inf") if module.training and calls["n"] in (6, 7) else output
-
-        model.base_model.model.classifier.register_forward_hook(hook)
-        return model
-
-    monkeypatch.setattr(train_module, "apply_method", poisoned)
+    poison_training_forward(monkeypatch, lambda n: n in (6, 7), float("inf"))
     base = {"epochs": 1, "precision": precision}
     with pytest.raises(train_module.NonFiniteLossError, match="at step 6 .*stopped before that optimizer step"):
         train(make_config("bert", train=base, output={"name": "stops"}))

@@ -3,7 +3,13 @@ from pathlib import Path
 import pytest
 
 from peftlab.cli import main
-from peftlab.config import ConfigError, LoraPlusMethod, load_config, parse_overrides, validate_config
+from peftlab.config import (
+    ConfigError,
+    LoraPlusMethod,
+    load_config,
+    parse_overrides,
+    validate_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"data": {"source": "tweets"}}
@@ -82,3 +88,16 @@ def test_cli_reports_config_errors_without_traceback(capsys, tmp_path):
     assert f"{bad}: 1 problem(s)" in err and "train.epochs" in err and "Traceback" not in err
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_config_differences_ignore_keys_added_since_with_their_defaults(make_config):
+    import json
+
+    from peftlab.config import config_differences
+
+    current = make_config("bert").model_dump(mode="json")
+    older = json.loads(json.dumps(current))
+    del older["train"]["keep_checkpoints"]  # written before the key existed
+    assert config_differences(older, current) == []
+    older["train"]["lr"] = 0.1
+    assert config_differences(older, current) == ["train.lr: 0.1 there, 0.005 here"]

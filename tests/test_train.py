@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import poison_training_forward
 from safetensors.torch import load_file
 
-import peftlab.train as train_module
 from peftlab.cli import main
 from peftlab.data import DataError
 from peftlab.pipeline import evaluate_run
@@ -75,9 +75,8 @@ def test_same_seed_same_results_other_seed_other_results(make_config, tmp_path):
 
 
 def test_gradient_accumulation_matches_the_larger_batch(make_config, tiny_models, tmp_path):
-    from transformers import AutoModel
-
     from conftest import tiny_config
+    from transformers import AutoModel
 
     config = tiny_config("bert", 53)
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0  # no randomness between layouts
@@ -99,20 +98,7 @@ def test_gradient_accumulation_matches_the_larger_batch(make_config, tiny_models
 
 
 def test_non_finite_loss_stops_before_the_step_and_keeps_the_last_good_model(make_config, monkeypatch):
-    real_apply = train_module.apply_method
-
-    def poisoned(model, method):
-        model = real_apply(model, method)
-        calls = {"n": 0}
-
-        def hook(module, args, output):
-            calls["n"] += module.training
-            return output * float("nan") if module.training and calls["n"] >= 12 else output
-
-        model.base_model.model.classifier.register_forward_hook(hook)
-        return model
-
-    monkeypatch.setattr(train_module, "apply_method", poisoned)
+    poison_training_forward(monkeypatch, lambda n: n >= 12)
     config = make_config("bert", train={"epochs": 2, "eval_every_steps": 5})
     with pytest.raises(NonFiniteLossError, match="at step 12 .*stopped before that optimizer step"):
         train(config)

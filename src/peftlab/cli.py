@@ -88,6 +88,23 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from peftlab.predict import predict_file
+
+    rows = predict_file(args.run, args.input, args.output, args.text_column, args.batch_size)
+    if args.output:
+        print(f"{rows} predictions written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from peftlab.export import export_run
+
+    out = export_run(args.run, args.merged, onnx=args.onnx)
+    print(f"exported {args.run} to {out}" + (" (with model.onnx, checked with onnxruntime)" if args.onnx else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description="Fine-tune and compare text classifiers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="print a comparison table of runs or studies")
     compare.add_argument("paths", type=Path, nargs="+", help="run directories or a study directory")
     compare.set_defaults(func=_compare)
+
+    predict = commands.add_parser("predict", help="label texts with a finished run's model",
+                                  description="Stream texts through a run's classifier; one JSON line per row "
+                                              "with label, score and every class probability.")
+    predict.add_argument("run", type=Path, help="run directory")
+    predict.add_argument("--input", required=True, help="csv / tsv / jsonl / parquet file, or - for stdin "
+                                                         "(one text per line)")
+    predict.add_argument("--output", type=Path, help="JSONL file (default: stdout)")
+    predict.add_argument("--text-column", default="text", help="column or field holding the text (default text)")
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.set_defaults(func=_predict)
+
+    export = commands.add_parser("export", help="write a run as a plain transformers model (adapters merged)")
+    export.add_argument("run", type=Path, help="run directory")
+    export.add_argument("--merged", type=Path, required=True, help="output directory")
+    export.add_argument("--onnx", action="store_true", help="also write model.onnx, verified with onnxruntime")
+    export.set_defaults(func=_export)
     return parser
 
 

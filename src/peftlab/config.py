@@ -304,7 +304,10 @@ NOT_EXPERIMENT_KEYS = frozenset({"output.overwrite", "output.progress", "output.
 
 def config_differences(saved: dict[str, Any], expected: dict[str, Any], ignore=NOT_EXPERIMENT_KEYS,
                        prefix: str = "") -> list[str]:
-    """`train.lr: 0.005 there, 0.001 here` for every dotted key whose value differs."""
+    """`train.lr: 0.005 there, 0.001 here` for every dotted key whose value differs. A saved config
+    is read with today's defaults first, so that keys added since it was written do not count."""
+    if not prefix:
+        saved = with_defaults(saved)
     out = []
     for key in sorted(set(saved) | set(expected)):
         dotted = f"{prefix}{key}"
@@ -316,6 +319,13 @@ def config_differences(saved: dict[str, Any], expected: dict[str, Any], ignore=N
         elif a != b:
             out.append(f"{dotted}: {a!r} there, {b!r} here")
     return out
+
+
+def with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return RunConfig.model_validate(raw).model_dump(mode="json")
+    except ValidationError:
+        return raw  # then the differences name what no longer validates
 
 
 def _describe_error(err: dict[str, Any], raw: dict[str, Any]) -> str:

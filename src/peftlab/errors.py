@@ -1,7 +1,9 @@
 """The errors that are the user's to fix: the CLI prints them in one line instead of a traceback."""
 
 from peftlab.config import ConfigError
+from peftlab.checkpoints import CheckpointError
 from peftlab.data import DataError
+from peftlab.export import ExportError
 from peftlab.methods import MethodError
 from peftlab.models import ModelLoadError
 from peftlab.pipeline import TrainingSetupError
@@ -10,4 +12,4 @@ from peftlab.study import StudyError
 from peftlab.train import NonFiniteLossError
 
 USER_ERRORS = (ConfigError, DataError, MethodError, ModelLoadError, TrainingSetupError, RunError, StudyError,
-               NonFiniteLossError)
+               NonFiniteLossError, CheckpointError, ExportError)

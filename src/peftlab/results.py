@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from peftlab.config import with_defaults
 from peftlab.metrics import LOWER_IS_BETTER
 from peftlab.runs import (
     CONFIG,
@@ -122,7 +123,8 @@ def collect(paths: list[Path]) -> ResultSet:
 
 
 def load_result(path: Path) -> RunResult:
-    config = yaml.safe_load((path / CONFIG).read_text(encoding="utf-8"))
+    # Read with today's defaults, so runs made before a key existed group with those made after.
+    config = with_defaults(yaml.safe_load((path / CONFIG).read_text(encoding="utf-8")))
     summary = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
     history = [r for r in read_metrics(path) if r.get("type") == "eval"]
     return RunResult(path, flatten(config), summary, history)

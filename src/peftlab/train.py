@@ -270,7 +270,9 @@ def train(config: RunConfig, resume: str | Path | None = None) -> Path:
             _refuse_non_finite(unwrapped)
             saved = save_checkpoint(run.work / CHECKPOINTS, unwrapped, optimizer, scheduler,
                                     {"progress": asdict(progress), "metrics_lines": run.log_lines(),
-                                     "accumulation_step": accelerator.step}, keep=cfg.keep_checkpoints)
+                                     "accumulation_step": accelerator.step,
+                                     "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None},
+                                    keep=cfg.keep_checkpoints)
         if stop.reason:
             raise TrainingInterrupted(stop.reason, f"stopped by {stop.reason} after step {progress.step}; "
                                       f"checkpoint {saved}; run the same command with resume=auto to go on")
@@ -351,6 +353,8 @@ def _resume(checkpoint: Checkpoint, model, optimizer, scheduler, accelerator, ru
     restore_weights(checkpoint, model)
     restore_optimizer(checkpoint, optimizer, scheduler)
     accelerator.step = checkpoint.state["accumulation_step"]
+    if accelerator.scaler and checkpoint.state.get("grad_scaler"):  # fp16 on a GPU
+        accelerator.scaler.load_state_dict(checkpoint.state["grad_scaler"])
     run.truncate_log(checkpoint.state["metrics_lines"])
     hooks.restore_rng = lambda: restore_rng(checkpoint)
     state = Progress(**checkpoint.state["progress"])

@@ -1,0 +1,168 @@
+"""peftlab against the pipeline it replaces (HF Trainer + PEFT + DataCollatorWithPadding), same work.
+
+Both fine-tune the same model on the same rows (peftlab's seeded, stratified subsample, so the data
+are identical), with the same hyperparameters, epochs and seed, one after the other in this process,
+and the table shows each figure and the ratio peftlab / peer:
+
+    .venv/bin/python bench/train_vs_trainer.py                       # CPU workload: MiniLM + tweets, LoRA and full
+    .venv/bin/python bench/train_vs_trainer.py --methods lora --repeats 3 --json bench/cpu.json
+
+Train throughput counts training only (the peer's evaluations inside `trainer.train()` are taken
+out of its time); tokens are real (non-pad) tokens; peak memory is each run's own (reset between runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from peftlab import environment
+from peftlab.config import validate_config
+from peftlab.pipeline import prepare_data
+from peftlab.runs import load_run
+from peftlab.train import train
+
+RECIPES = {  # the seeds' CPU workload (../shared/OFFLINE.md)
+    "lora": {"method": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "targets": ["query", "value"]},
+             "lr": 5e-4},
+    "full": {"method": {"kind": "full"}, "lr": 5e-5},
+}
+
+
+def workload(args, method: str, out: Path) -> dict:
+    return {
+        "model": {"name": args.model, "max_length": args.max_length},
+        "data": {"source": args.data, "n_train": args.n_train, "n_eval": args.n_eval},
+        "method": RECIPES[method]["method"],
+        "train": {"epochs": args.epochs, "batch_size": 16, "eval_batch_size": 64, "lr": RECIPES[method]["lr"],
+                  "seed": 42, "weight_decay": 0.0, "checkpoint_each_epoch": False},
+        "output": {"dir": str(out), "name": method, "overwrite": True, "progress": False, "save_model": False},
+    }
+
+
+def run_peftlab(raw: dict) -> dict:
+    summary = load_run(train(validate_config(raw))).summary
+    return {"train_samples_per_s": summary["train_samples_per_s"], "train_tokens_per_s": summary["train_tokens_per_s"],
+            "eval_samples_per_s": summary["eval_samples_per_s"], "peak_rss_mb": summary["peak_rss_mb"],
+            "accuracy": summary["final"]["accuracy"], "f1_macro": summary["final"]["f1_macro"],
+            "train_seconds": summary["train_seconds"]}
+
+
+def run_peer(raw: dict, out: Path) -> dict:
+    """The notebook: HF Trainer + PEFT, DataCollatorWithPadding, default arguments, eval each epoch."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType, get_peft_model
+    from sklearn.metrics import accuracy_score, f1_score
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments)
+
+    config = validate_config(raw)
+    environment.reset_peak_memory()
+    data = prepare_data(config)  # only for the same rows and labels; the peer tokenises them itself
+    names = data.splits.labels.names
+    model_dir = str(environment_model_dir(config.model.name))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(42)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    method = raw["method"]
+    if method["kind"] == "lora":
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=method["r"], lora_alpha=method["alpha"],
+                                                 lora_dropout=method["dropout"], target_modules=method["targets"]))
+
+    def dataset(table, labels):
+        encoded = tokenizer(table.texts, truncation=True, max_length=config.model.max_length)
+        return Dataset.from_dict({**encoded, "labels": labels})
+
+    train_set = dataset(data.splits.train, data.train.labels.tolist())
+    eval_set = dataset(data.splits.eval, data.eval.labels.tolist())
+
+    def metrics(prediction):
+        predicted = prediction.predictions.argmax(-1)
+        return {"accuracy": accuracy_score(prediction.label_ids, predicted),
+                "f1_macro": f1_score(prediction.label_ids, predicted, average="macro")}
+
+    arguments = TrainingArguments(output_dir=str(out / "peer"), num_train_epochs=config.train.epochs,
+                                  per_device_train_batch_size=16, per_device_eval_batch_size=64,
+                                  learning_rate=config.train.lr, eval_strategy="epoch", save_strategy="no",
+                                  report_to=[], seed=42, logging_strategy="epoch", disable_tqdm=True)
+    trainer = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=eval_set,
+                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics)
+    started = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - started
+    eval_seconds = sum(r["eval_runtime"] for r in trainer.state.log_history if "eval_runtime" in r)
+    final = [r for r in trainer.state.log_history if "eval_accuracy" in r][-1]
+    train_seconds = total - eval_seconds
+    samples = len(train_set) * config.train.epochs
+    tokens = int(sum(len(x) for x in train_set["input_ids"])) * config.train.epochs
+    evaluations = sum(1 for r in trainer.state.log_history if "eval_runtime" in r)
+    return {"train_samples_per_s": samples / train_seconds, "train_tokens_per_s": tokens / train_seconds,
+            "eval_samples_per_s": evaluations * len(eval_set) / eval_seconds,
+            "peak_rss_mb": environment.peak_memory_mb()["peak_rss_mb"],
+            "accuracy": final["eval_accuracy"], "f1_macro": final["eval_f1_macro"], "train_seconds": train_seconds}
+
+
+def environment_model_dir(name: str) -> str:
+    from peftlab.assets import resolve_model_name
+
+    return resolve_model_name(name)
+
+
+FIGURES = ["train_samples_per_s", "train_tokens_per_s", "eval_samples_per_s", "peak_rss_mb", "accuracy", "f1_macro"]
+
+
+def median_of(runs: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--data", default="tweets")
+    parser.add_argument("--n-train", type=int, default=2000)
+    parser.add_argument("--n-eval", type=int, default=500)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--methods", default="lora,full")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side; medians are reported")
+    parser.add_argument("--json", type=Path, help="also write the figures and ratios here")
+    args = parser.parse_args(argv)
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods.split(","):
+            raw = workload(args, method, Path(tmp))
+            peer = median_of([run_peer(raw, Path(tmp)) for _ in range(args.repeats)])
+            ours = median_of([run_peftlab(raw) for _ in range(args.repeats)])
+            row = {"workload": f"{args.model}/{args.data} {method} n_train={args.n_train} epochs={args.epochs}",
+                   "device": environment.hardware().get("gpu") or f"{environment.hardware()['cpu_count']} CPU cores",
+                   "repeats": args.repeats, "peer": peer, "peftlab": ours}
+            for key in FIGURES:
+                row[f"{key}_ratio"] = ours[key] / peer[key] if peer[key] else float("nan")
+            results.append(row)
+            print_row(row)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def print_row(row: dict) -> None:
+    print(f"\n{row['workload']} on {row['device']} (median of {row['repeats']})")
+    print(f"{'figure':<22}{'peer':>12}{'peftlab':>12}{'ratio':>9}")
+    for key in FIGURES:
+        print(f"{key:<22}{row['peer'][key]:>12.3f}{row['peftlab'][key]:>12.3f}{row[key + '_ratio']:>8.2f}x")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    sys.exit(main())
