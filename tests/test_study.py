@@ -140,3 +140,27 @@ def test_each_hub_preset_has_an_offline_twin_with_the_same_grid():
                        lambda c: getattr(c.config.method, "dropout", None)):
             assert {aspect(c) for c in twin.cells} == {aspect(c) for c in hub.cells}, preset.name
         assert twin.spec.seed_list() == hub.spec.seed_list()
+
+
+def test_a_diverging_run_is_reported_and_the_others_go_on(make_study, monkeypatch, capsys):
+    import peftlab.train as train_module
+    from peftlab.report import write_report
+
+    real_apply = train_module.apply_method
+
+    def full_diverges(model, method):
+        model = real_apply(model, method)
+        if method.kind == "full":
+            model.classifier.register_forward_hook(lambda module, args, output: output * float("nan"))
+        return model
+
+    monkeypatch.setattr(train_module, "apply_method", full_diverges)
+    study = load_study(make_study(grid={"method.kind": ["lora", "full"]}, seeds=1))
+    failures = run_study(study, progress=False)
+    assert list(failures) == ["full-seed42"] and "the loss became nan at step 1" in failures["full-seed42"]
+    assert is_finished(study.directory / "lora-seed42") and not is_finished(study.directory / "full-seed42")
+    record = json.loads((study.directory / STUDY_FILE).read_text())
+    assert list(record["failures"]) == ["full-seed42"]
+    markdown = (write_report([study.directory]) / "report.md").read_text()
+    assert "failed: full-seed42: the loss became nan" in markdown
+    assert "unfinished (not counted): full-seed42.incomplete" in markdown
