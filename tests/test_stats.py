@@ -44,3 +44,13 @@ def test_noisy_small_difference_is_not_called_a_difference():
 def test_only_shared_seeds_are_paired():
     result = paired_comparison({1: 0.9, 2: 0.8}, {2: 0.7, 3: 0.6})
     assert result.pairs == 1 and result.verdict == "too few paired seeds" and math.isnan(result.p_value)
+
+
+def test_a_constant_difference_uses_the_exact_sign_flip_test():
+    # 32 eval examples: both seeds one example better. Two seeds cannot make that significant.
+    two = paired_comparison({1: 0.59375, 2: 0.5625}, {1: 0.5625, 2: 0.53125})
+    assert two.p_value == pytest.approx(0.5) and two.verdict == "no detectable difference"
+    six = paired_comparison({s: 0.6 for s in range(6)}, {s: 0.5 for s in range(6)})
+    assert six.p_value == pytest.approx(2 / 64) and six.verdict == "better"
+    same = paired_comparison({1: 0.5, 2: 0.5}, {1: 0.5, 2: 0.5})
+    assert same.p_value == 1.0 and same.verdict == "no detectable difference"

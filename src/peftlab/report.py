@@ -97,7 +97,8 @@ def comparison_table(results: ResultSet) -> Table | None:
             row += [f"{comparison.difference.mean:+.4f}", comparison.difference.interval(),
                     "" if math.isnan(comparison.p_value) else f"{comparison.p_value:.3f}"]
         rows.append(row + [first.verdict])
-    note = (f"Against {base.label}, paired by seed (paired t-test, two-sided, 5%). The verdict is on "
+    note = (f"Against {base.label}, paired by seed (paired t-test, two-sided, 5%; the exact sign-flip test when "
+            "every seed differs by the same amount). The verdict is on "
             f"{plots.metric_name(results.metric)}. With few seeds only large differences are detectable: "
             "'no detectable difference' is not proof of equality.")
     return Table(f"Against the baseline: {base.label}", header, rows, note)

@@ -65,8 +65,10 @@ def paired_comparison(candidate: dict[int, float], baseline: dict[int, float], h
     if len(seeds) < 2:
         return Comparison(len(seeds), difference, math.nan, "too few paired seeds")
     if np.allclose(deltas, deltas[0]):
-        # A constant difference has zero variance: the t statistic is undefined, not infinite.
-        p_value = 1.0 if deltas[0] == 0 else 0.0
+        # A constant difference (common when accuracy moves in steps of 1/n_eval) has zero variance and
+        # an undefined t statistic. The exact sign-flip test still applies: of the 2^n sign patterns,
+        # the 2 that keep every difference on one side are at least as extreme, so p = 2 / 2^n.
+        p_value = 1.0 if deltas[0] == 0 else min(1.0, 2 * 0.5 ** len(seeds))
     else:
         p_value = float(stats.ttest_rel([candidate[s] for s in seeds], [baseline[s] for s in seeds]).pvalue)
     if p_value >= alpha:
