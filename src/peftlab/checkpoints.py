@@ -34,10 +34,6 @@ class Checkpoint:
     path: Path
     state: dict[str, Any]  # progress, scheduler, rng (python/numpy), metrics_lines, accumulation step
 
-    @property
-    def step(self) -> int:
-        return int(self.state["progress"]["step"])
-
 
 # --------------------------------------------------------------------------- writing
 

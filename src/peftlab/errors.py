@@ -1,7 +1,7 @@
 """The errors that are the user's to fix: the CLI prints them in one line instead of a traceback."""
 
-from peftlab.config import ConfigError
 from peftlab.checkpoints import CheckpointError
+from peftlab.config import ConfigError
 from peftlab.data import DataError
 from peftlab.export import ExportError
 from peftlab.methods import MethodError

@@ -8,6 +8,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +28,7 @@ from peftlab.config import (
     read_yaml,
     validate_config,
 )
-from peftlab.runs import CONFIG, INCOMPLETE, atomic_write_json, is_finished
+from peftlab.runs import CONFIG, atomic_write_json, is_finished
 
 STUDY_FILE = "study.json"
 _METHOD_KEYS = set().union(*(cls.model_fields for cls in METHOD_CLASSES.values()))
@@ -91,7 +92,7 @@ class Study:
     cells: list[Cell]
     collapsed: int  # grid combinations that duplicated another cell once inapplicable keys were dropped
 
-    @property
+    @cached_property
     def runs(self) -> list[PlannedRun]:
         return [PlannedRun(cell, seed, _with_seed(cell.config, seed, self.directory, cell.slug))
                 for cell in self.cells for seed in self.spec.seed_list()]
@@ -330,7 +331,3 @@ def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def leftover_incomplete(study: Study) -> list[Path]:
-    return sorted(study.directory.glob(f"*{INCOMPLETE}"))
