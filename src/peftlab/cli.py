@@ -105,6 +105,43 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_OPTIONS = ("host", "port", "max_batch_inputs", "max_payload_bytes", "max_concurrent", "max_batch_tokens",
+                 "max_wait_ms", "timeout_s")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from peftlab.config import ServeSettings
+    from peftlab.serving import ServedModel, ServeError
+
+    try:
+        from peftlab.server import serve
+    except ImportError as exc:
+        raise ServeError(f"peftlab serve needs FastAPI, uvicorn and prometheus-client ({exc}): "
+                         "pip install 'peftlab[serve]'") from None
+
+    if bool(args.adapter) == bool(args.model):
+        raise ServeError("give either --adapter NAME=RUN (one or more) or --model PATH")
+    specs = []
+    for item in args.adapter or []:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ServeError(f"--adapter {item!r}: expected NAME=RUN_DIRECTORY")
+        specs.append((name, Path(path)))
+    limits = {key: getattr(args, key) for key in SERVE_OPTIONS if getattr(args, key) is not None}
+    try:
+        settings = ServeSettings(**limits, auto_truncate=args.auto_truncate,
+                                 api_key=os.environ.get("PEFTLAB_API_KEY") or None)
+    except ValidationError as exc:
+        problems = [f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
+        raise ServeError("; ".join(problems)) from None
+    served = (ServedModel.from_adapters(specs, base=args.base, device=args.device) if specs else
+              ServedModel.from_model(args.model, name=args.name, device=args.device))
+    serve(served, settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description="Fine-tune and compare text classifiers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +196,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merged", type=Path, required=True, help="output directory")
     export.add_argument("--onnx", action="store_true", help="also write model.onnx, verified with onnxruntime")
     export.set_defaults(func=_export)
+
+    serve = commands.add_parser(
+        "serve", help="serve classifiers over HTTP (several adapters on one base model)",
+        description="POST /predict {\"inputs\": \"text\" | [...], \"adapter\": NAME, \"truncate\": bool}; "
+                    "GET /health /info /metrics. Set PEFTLAB_API_KEY to require 'Authorization: Bearer <key>'.")
+    serve.add_argument("--adapter", action="append", metavar="NAME=RUN",
+                       help="a finished adapter run (LoRA, IA3, ...) served under NAME; repeat for more")
+    serve.add_argument("--base", help="the base model the adapters were trained on (checked against each run)")
+    serve.add_argument("--model", type=Path, help="instead of adapters: one finished run of any method, or a "
+                                                  "merged export")
+    serve.add_argument("--name", default="default", help="the name a --model is served under (default: default)")
+    serve.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if there is one)")
+    from peftlab.config import ServeSettings
+
+    for key in SERVE_OPTIONS:
+        field = ServeSettings.model_fields[key]
+        serve.add_argument(f"--{key.replace('_', '-')}", type=field.annotation, metavar=key.split("_")[-1].upper(),
+                           help=f"{field.description or key} (default {field.default})")
+    serve.add_argument("--auto-truncate", action="store_true",
+                       help="truncate over-long texts unless a request says \"truncate\": false (default: 413)")
+    serve.set_defaults(func=_serve)
     return parser
 
 

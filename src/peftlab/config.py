@@ -356,3 +356,18 @@ def _fields_at(section: list[str], raw: dict[str, Any]) -> list[str]:
     else:
         cls = RunConfig.model_fields[head].annotation
     return list(cls.model_fields)  # type: ignore[union-attr]
+
+
+class ServeSettings(_Strict):
+    """Limits of one server; the defaults follow text-embeddings-inference's where it has one."""
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8080, ge=0, le=65535, description="port to listen on")
+    max_batch_inputs: int = Field(32, ge=1, description="inputs per request; more is 413")
+    max_payload_bytes: int = Field(2_000_000, ge=1, description="request body size; more is 413")
+    max_concurrent: int = Field(512, ge=1, description="requests in flight; more is 429 at once")
+    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward pass")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a request waits for others to batch with")
+    timeout_s: float = Field(30.0, gt=0, description="seconds per request; past it, 504")
+    auto_truncate: bool = Field(False, description="truncate over-long texts when a request does not say")
+    api_key: str | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")

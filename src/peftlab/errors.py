@@ -8,8 +8,9 @@ from peftlab.methods import MethodError
 from peftlab.models import ModelLoadError
 from peftlab.pipeline import TrainingSetupError
 from peftlab.runs import RunError
+from peftlab.serving import ServeError
 from peftlab.study import StudyError
 from peftlab.train import NonFiniteLossError
 
 USER_ERRORS = (ConfigError, DataError, MethodError, ModelLoadError, TrainingSetupError, RunError, StudyError,
-               NonFiniteLossError, CheckpointError, ExportError)
+               NonFiniteLossError, CheckpointError, ExportError, ServeError)

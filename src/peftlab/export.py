@@ -40,6 +40,7 @@ def export_run(path: Path | str, out: Path, onnx: bool = False) -> Path:
     run = load_run(path)
     model = merged_model(run)
     tokenizer = load_tokenizer(str(run.model_dir))
+    tokenizer.model_max_length = run.config.model.max_length  # what the model was trained on; serve reads it
 
     def build(directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)
