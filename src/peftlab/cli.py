@@ -18,6 +18,12 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    if args.devices > 1 and "LOCAL_RANK" not in os.environ:
+        # The config is valid; torchrun starts one process per device, each running this same command.
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.devices}",
+                   "-m", "peftlab", "train", str(args.config), *args.overrides]
+        print(f"peftlab train: starting {args.devices} processes: {' '.join(command[1:])}", file=sys.stderr, flush=True)
+        os.execv(sys.executable, command)
     from peftlab.train import TrainingInterrupted, train
 
     try:
@@ -152,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="section.key=value overrides (values parse as YAML); "
                        "resume=auto or resume=PATH continues from a checkpoint of this run")
     train.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
+    train.add_argument("--devices", type=int, default=1, help="data-parallel processes (one per GPU, or CPU "
+                       "processes), started with torchrun; the same as `torchrun --nproc-per-node N -m peftlab train`")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("eval", help="re-evaluate a finished run")

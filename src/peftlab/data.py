@@ -457,6 +457,17 @@ class Collator:
         return batch
 
 
+def set_sampler_epoch(loader, epoch: int) -> None:
+    """Seed this epoch's order. With several processes accelerate wraps our sampler in its
+    BatchSamplerShard, whose `set_epoch` does not reach it, so the chain is walked to find it."""
+    loader.set_epoch(epoch)
+    sampler = getattr(loader, "batch_sampler", None)
+    while sampler is not None and not isinstance(sampler, LengthGroupedBatches):
+        sampler = getattr(sampler, "batch_sampler", None)
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+
+
 def make_loader(encoded: Encoded, batch_size: int, shuffle: bool, group_by_length: bool, seed: int,
                 pad_id: int, pad_to_multiple_of: int = 1) -> torch.utils.data.DataLoader:
     sampler = LengthGroupedBatches(encoded.lengths, batch_size, shuffle, group_by_length, seed)

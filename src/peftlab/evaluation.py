@@ -33,7 +33,7 @@ class Predictions:
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, loader, accelerator) -> Predictions:
-    """Logits and per-example losses, gathered across processes without padding duplicates."""
+    """Logits and per-example losses in row order, gathered across processes: every example once."""
     model.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []
     for batch in loader:
@@ -41,8 +41,13 @@ def predict(model: torch.nn.Module, loader, accelerator) -> Predictions:
         losses = F.cross_entropy(logits, batch["labels"], reduction="none")
         chunks.append(accelerator.gather_for_metrics((logits, batch["labels"], losses, batch["index"])))
     logits, labels, losses, index = (torch.cat([c[i] for c in chunks]).cpu().numpy() for i in range(4))
-    order = np.argsort(index, kind="stable")  # batches come sorted by length; restore row order
-    return Predictions(logits[order], labels[order], losses[order])
+    # Batches come sorted by length: back to row order. Processes pad the last round of batches
+    # with repeated rows; gather_for_metrics drops those for samplers it knows, and keeping the
+    # first copy of each index makes sure for ours too.
+    index, first = np.unique(index, return_index=True)
+    if len(index) != len(loader.dataset):
+        raise RuntimeError(f"evaluation gathered {len(index)} of {len(loader.dataset)} examples")
+    return Predictions(logits[first], labels[first], losses[first])
 
 
 def evaluate(model: torch.nn.Module, loader, accelerator, names: list[str]) -> dict[str, Any]:

@@ -66,7 +66,8 @@ def make_accelerator(cfg: TrainConfig):
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    return Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+    # cpu=True on a machine without a GPU: under torchrun accelerate then runs data-parallel over gloo.
+    return Accelerator(cpu=not on_gpu, mixed_precision="no" if precision == "fp32" else precision,
                        gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
 
 

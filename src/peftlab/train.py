@@ -32,7 +32,7 @@ from peftlab.config import (
     TrainConfig,
     config_differences,
 )
-from peftlab.data import make_loader
+from peftlab.data import make_loader, set_sampler_epoch
 from peftlab.evaluation import evaluate, model_inputs
 from peftlab.methods import (
     apply_method,
@@ -154,7 +154,7 @@ def _positioned(train_loader, state: Progress, hooks: Hooks):
     its sampler from the epoch it is given, so the order is the one the uninterrupted run saw. RNG
     states are restored only once the loader is in position: starting it draws from the torch RNG,
     as it did in the uninterrupted run before the checkpoint was taken."""
-    train_loader.set_epoch(state.epoch)
+    set_sampler_epoch(train_loader, state.epoch)
     batches = iter(train_loader)
     for _ in range(state.batches_in_epoch):
         next(batches, None)
@@ -232,7 +232,9 @@ def train(config: RunConfig, resume: str | Path | None = None) -> Path:
     accelerator = make_accelerator(config.train)
     run = RunDir.reserve(config.output, config.method.kind) if accelerator.is_main_process else None
     checkpoint = _checkpoint_to_resume(run, config, resume) if run and resume else None
-    data = prepare_data(config)
+    checkpoint = _shared_checkpoint(checkpoint, accelerator)
+    with accelerator.main_process_first():  # the others read the tokens it caches
+        data = prepare_data(config)
     names = data.splits.labels.names
     set_seed(config.train.seed)
     model = apply_method(load_base(config.model, data.splits.labels.id2label), config.method)
@@ -273,14 +275,14 @@ def train(config: RunConfig, resume: str | Path | None = None) -> Path:
                                      "accumulation_step": accelerator.step,
                                      "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None},
                                     keep=cfg.keep_checkpoints)
-        if stop.reason:
+        if stop.agreed(accelerator):  # every process checkpoints here, so every process asks
             raise TrainingInterrupted(stop.reason, f"stopped by {stop.reason} after step {progress.step}; "
                                       f"checkpoint {saved}; run the same command with resume=auto to go on")
 
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     with StopOnSignal() as stop:
         hooks = Hooks(log=run.log if run else (lambda record: None), keep_best=keep_best,
-                      checkpoint=checkpoint_and_maybe_stop, stop_requested=lambda: stop.reason)
+                      checkpoint=checkpoint_and_maybe_stop, stop_requested=lambda: stop.agreed(accelerator))
         state = _resume(checkpoint, unwrapped, optimizer, scheduler, accelerator, run, hooks) if checkpoint \
             else Progress()
         state = fit(model, optimizer, scheduler, train_loader, evaluation_loader, accelerator, cfg, names, hooks,
@@ -312,6 +314,15 @@ class StopOnSignal:
     def __init__(self) -> None:
         self.reason: str | None = None
         self._previous: dict[int, Any] = {}
+
+    def agreed(self, accelerator) -> str | None:
+        """The stop reason, the same in every process: a signal may reach one process a step before
+        another, and a process that stopped alone would leave the others waiting in all-reduce."""
+        if accelerator.num_processes > 1:
+            signum = torch.tensor([getattr(signal, self.reason) if self.reason else 0], device=accelerator.device)
+            torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+            self.reason = signal.Signals(int(signum.item())).name if signum.item() else None
+        return self.reason
 
     def _handle(self, signum, frame) -> None:
         if self.reason and signum == signal.SIGINT:
@@ -349,16 +360,29 @@ def _checkpoint_to_resume(run: RunDir, config: RunConfig, resume: str | Path) ->
     return checkpoint
 
 
-def _resume(checkpoint: Checkpoint, model, optimizer, scheduler, accelerator, run: RunDir, hooks: Hooks) -> Progress:
+def _shared_checkpoint(checkpoint: Checkpoint | None, accelerator) -> Checkpoint | None:
+    """The main process picks the checkpoint; every process restores the same one."""
+    if accelerator.num_processes == 1:
+        return checkpoint
+    from accelerate.utils import broadcast_object_list
+
+    path = broadcast_object_list([str(checkpoint.path) if checkpoint else None])[0]
+    return checkpoint or (read_checkpoint(Path(path)) if path else None)
+
+
+def _resume(checkpoint: Checkpoint, model, optimizer, scheduler, accelerator, run: RunDir | None,
+            hooks: Hooks) -> Progress:
     restore_weights(checkpoint, model)
     restore_optimizer(checkpoint, optimizer, scheduler)
     accelerator.step = checkpoint.state["accumulation_step"]
     if accelerator.scaler and checkpoint.state.get("grad_scaler"):  # fp16 on a GPU
         accelerator.scaler.load_state_dict(checkpoint.state["grad_scaler"])
-    run.truncate_log(checkpoint.state["metrics_lines"])
+    if run:
+        run.truncate_log(checkpoint.state["metrics_lines"])
     hooks.restore_rng = lambda: restore_rng(checkpoint)
     state = Progress(**checkpoint.state["progress"])
-    tqdm_write(f"peftlab: resumed at step {state.step} (epoch {state.epoch}, {state.batches_in_epoch} batches in)")
+    tqdm_write(f"peftlab: resumed at step {state.step} (epoch {state.epoch}, {state.batches_in_epoch} batches in)",
+               accelerator)
     return state
 
 
@@ -381,6 +405,9 @@ def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None
     print(f"method {config.method.kind}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} "
           f"parameters ({100 * counts['trainable_share']:.3f}%); device {accelerator.device}, "
           f"precision {_precision(accelerator)}")
+    cfg = config.train
+    print(f"batch: {cfg.batch_size} per process x {accelerator.num_processes} process(es) x {cfg.grad_accum} "
+          f"accumulation step(s) = {_effective_batch(cfg, accelerator)} examples per optimizer step")
     if run:
         print(f"writing to {run.work} (renamed to {run.final} when finished)")
 
@@ -396,12 +423,16 @@ def _summary(config: RunConfig, data: RunData, counts: dict, state: Progress, st
         "eval_seconds": state.eval_seconds,
         "eval_samples_per_s": state.evals * len(data.eval) / max(state.eval_seconds, 1e-9),
         **environment.peak_memory_mb(), **counts,
-        "effective_batch_size": config.train.batch_size * config.train.grad_accum * accelerator.num_processes,
+        "effective_batch_size": _effective_batch(config.train, accelerator), "processes": accelerator.num_processes,
         "precision": _precision(accelerator), "seed": config.train.seed, "data": data.summary(),
         "started_at": started_at, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "versions": environment.library_versions(), "hardware": environment.hardware(),
         "git_revision": environment.git_revision(),
     }
+
+
+def _effective_batch(cfg: TrainConfig, accelerator) -> int:
+    return cfg.batch_size * cfg.grad_accum * accelerator.num_processes
 
 
 def _precision(accelerator) -> str:
