@@ -112,8 +112,10 @@ def make_config(tiny_models, toy_files, tmp_path):
     return make
 
 
-def write_study(tiny_models, toy_files, root: Path, name: str = "toy-study", **study: Any) -> Path:
-    """A study file over the tiny BERT and the toy task; keyword arguments are top-level study keys."""
+def write_study(tiny_models, toy_files, root: Path, name: str = "toy-study", train: dict | None = None,
+                **study: Any) -> Path:
+    """A study file over the tiny BERT and the toy task; keyword arguments are top-level study keys,
+    `train` changes the base config's train section."""
     import yaml
 
     spec = {
@@ -122,7 +124,7 @@ def write_study(tiny_models, toy_files, root: Path, name: str = "toy-study", **s
             "model": {"name": str(tiny_models["bert"]), "max_length": 32},
             "data": {"train_file": str(toy_files[0]), "eval_file": str(toy_files[1])},
             "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-            "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "log_every_steps": 5},
+            "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "log_every_steps": 5, **(train or {})},
             "output": {"dir": str(root / "runs"), "progress": False, "cache_dir": str(root / "cache")},
         },
         **study,

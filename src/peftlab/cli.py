@@ -63,7 +63,8 @@ def _study(args: argparse.Namespace) -> int:
     from peftlab.train import TrainingInterrupted
 
     try:
-        failures = run_study(study, progress=not args.no_progress)
+        failures = run_study(study, progress=not args.no_progress, backend=args.backend, address=args.address,
+                             retries=args.retries)
     except TrainingInterrupted as exc:
         print(f"peftlab study: {exc}; run the study again to go on", file=sys.stderr)
         return exc.exit_code
@@ -177,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--dry-run", action="store_true", help="list the runs it would make and exit")
     study.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     study.add_argument("--no-progress", action="store_true", help="no per-run progress bars")
+    study.add_argument("--backend", choices=["local", "ray"], default="local",
+                       help="local: one run after another here (default); ray: every run a Ray task with the "
+                            "study's `resources`, on a local Ray or the cluster at --address")
+    study.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001); default: start one here")
+    study.add_argument("--retries", type=int, default=1, help="Ray: retries of a run whose worker died (default 1)")
     study.set_defaults(func=_study)
 
     report = commands.add_parser("report", help="write report.md + report.html with plots for a study or runs")

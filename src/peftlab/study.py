@@ -38,6 +38,13 @@ class StudyError(ValueError):
     """A study file that cannot be expanded, or a finished run that disagrees with it."""
 
 
+class Resources(_Strict):
+    """What one run needs from a worker of the Ray backend (the local backend runs one run at a time)."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
 class StudySpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     """Directory name of the study under the base config's `output.dir`."""
@@ -58,6 +65,8 @@ class StudySpec(_Strict):
     """Headline metric of the report's comparisons and plots."""
     select: Literal["best", "final"] = "best"
     """Which evaluation of each run the report uses: the kept (best) checkpoint or the last epoch."""
+    resources: Resources = Resources()
+    """Per run, for `--backend ray`: `{cpu: 2, gpu: 1}`."""
 
     def seed_list(self) -> list[int]:
         return list(range(42, 42 + self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
@@ -282,20 +291,33 @@ def describe(study: Study) -> str:
     return "\n".join(lines)
 
 
-def run_study(study: Study, progress: bool = True) -> dict[str, str]:
-    """Run every unfinished cell; returns {run name: error} for runs that failed (the others go on)."""
-    from peftlab.train import NonFiniteLossError, train
-
+def run_study(study: Study, progress: bool = True, backend: str = "local", address: str | None = None,
+              retries: int = 1) -> dict[str, str]:
+    """Run every unfinished cell; returns {run name: error} for runs that failed (the others go on).
+    `backend="ray"` runs the cells as Ray tasks (see peftlab.cluster); `address` and `retries` are its."""
     check_finished_runs(study)
     study.directory.mkdir(parents=True, exist_ok=True)
     write_study_file(study)
     todo = [r for r in study.runs if not is_finished(r.path)]
+    if backend == "ray":
+        from peftlab.cluster import run_on_ray
+
+        failures = run_on_ray(study, todo, address, retries)
+    else:
+        failures = _run_here(todo, progress)
+    write_study_file(study, failures)
+    return failures
+
+
+def _run_here(todo: list[PlannedRun], progress: bool) -> dict[str, str]:
+    from peftlab.train import NonFiniteLossError, train
+
     failures: dict[str, str] = {}
     durations: list[float] = []
     started = time.perf_counter()
     for index, planned in enumerate(todo, 1):
         print(f"\n=== run {index}/{len(todo)}: {planned.path.name} ({planned.cell.label}, seed {planned.seed}); "
-              f"elapsed {_clock(time.perf_counter() - started)}{_eta(durations, len(todo) - index + 1)}", flush=True)
+              f"elapsed {clock(time.perf_counter() - started)}{_eta(durations, len(todo) - index + 1)}", flush=True)
         config = planned.config.model_copy(update={"output": planned.config.output.model_copy(
             update={"progress": progress and planned.config.output.progress})})
         run_started = time.perf_counter()
@@ -305,7 +327,6 @@ def run_study(study: Study, progress: bool = True) -> dict[str, str]:
             failures[planned.path.name] = str(exc)
             print(f"run {planned.path.name} failed: {exc}", flush=True)
         durations.append(time.perf_counter() - run_started)
-    write_study_file(study, failures)
     return failures
 
 
@@ -324,10 +345,10 @@ def write_study_file(study: Study, failures: dict[str, str] | None = None) -> No
 def _eta(durations: list[float], remaining: int) -> str:
     if not durations:
         return ""
-    return f", about {_clock(sum(durations) / len(durations) * remaining)} left"
+    return f", about {clock(sum(durations) / len(durations) * remaining)} left"
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
