@@ -62,6 +62,7 @@ def kill_when_mid_run(process, study_dir, finished_first: str, killed: str):
     assert subprocess.run(["pkill", "-9", "-f", "ray::_train_cell"]).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("retries", [1, 0])
 def test_a_lost_worker_leaves_no_finished_run_and_is_retried_or_reported(tiny_models, toy_files, tmp_path,
                                                                          retries):

@@ -101,3 +101,15 @@ def test_config_differences_ignore_keys_added_since_with_their_defaults(make_con
     assert config_differences(older, current) == []
     older["train"]["lr"] = 0.1
     assert config_differences(older, current) == ["train.lr: 0.1 there, 0.005 here"]
+
+
+@pytest.mark.parametrize("kind, rate", [("full", 5e-5), ("lora", 2e-3), ("loraplus", 5e-4), ("ia3", 1e-2)])
+def test_each_method_gets_its_own_learning_rate_unless_one_is_given(kind, rate):
+    data = {"source": "tweets"}
+    assert validate_config({"data": data, "method": {"kind": kind}}).train.lr == rate
+    assert validate_config({"data": data, "method": {"kind": kind}, "train": {"lr": 0.1}}).train.lr == 0.1
+    config = validate_config({"data": data})
+    assert (config.method.kind, config.method.targets, config.method.r, config.train.lr) == ("lora", "attention", 8, 2e-3)
+    assert config.train.warmup_ratio == 0.06
+    stepped = validate_config({"data": data, "train": {"warmup_steps": 10}}).train
+    assert (stepped.warmup_steps, stepped.warmup_ratio) == (10, None)

@@ -80,6 +80,28 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from peftlab.tune import load_tune, run_tune
+
+    tune = load_tune(args.tune, args.overrides)
+    space = ", ".join(f"{k}: {v if isinstance(v, list) else f'{v.low:g}..{v.high:g}' + (' (log)' * v.log)}"
+                      for k, v in tune.spec.space.items())
+    print(f"tune {tune.spec.name}: {tune.spec.trials} trials over {space}; {tune.spec.metric}, "
+          f"storage {tune.storage}")
+    if args.dry_run:
+        return 0
+    record = run_tune(tune)
+    print(f"\n{'trial':>6}  {'state':<9}{tune.spec.metric:>12}  params")
+    for trial in record["trials"]:
+        value = "" if trial["value"] is None else f"{trial['value']:.4f}"
+        print(f"{trial['number']:>6}  {trial['state']:<9}{value:>12}  {trial['params']}")
+    if record["best"]:
+        best = record["best"]
+        print(f"best: trial {best['number']} ({tune.directory / best['run']}) {tune.spec.metric} {best['value']:.4f} "
+              f"with {best['params']}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from peftlab.report import write_report
 
@@ -184,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001); default: start one here")
     study.add_argument("--retries", type=int, default=1, help="Ray: retries of a run whose worker died (default 1)")
     study.set_defaults(func=_study)
+
+    tune = commands.add_parser("tune", help="hyper-parameter search with Optuna; every trial an ordinary run",
+                               description="Search a tune file's space (see peftlab/tune.py for the format); "
+                                           "weak trials are pruned on the per-epoch metric. Run it again, or on "
+                                           "more machines with a shared `storage` URL, to go on.")
+    tune.add_argument("tune", type=Path, help="tune YAML file")
+    tune.add_argument("overrides", nargs="*", help="trials=N, storage=URL, or base-config overrides")
+    tune.add_argument("--dry-run", action="store_true", help="validate the space and exit")
+    tune.set_defaults(func=_tune)
 
     report = commands.add_parser("report", help="write report.md + report.html with plots for a study or runs")
     report.add_argument("paths", type=Path, nargs="+", help="a study directory, or run directories")

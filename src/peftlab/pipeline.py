@@ -67,8 +67,14 @@ def make_accelerator(cfg: TrainConfig):
     AcceleratorState._reset_state()
     GradientState._reset_state()
     # cpu=True on a machine without a GPU: under torchrun accelerate then runs data-parallel over gloo.
-    return Accelerator(cpu=not on_gpu, mixed_precision="no" if precision == "fp32" else precision,
-                       gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision="no" if precision == "fp32" else precision,
+                              gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        # Checkpoints and the best model are saved from the main process's own (whole) weights, which
+        # sharding splits across processes; saving them right needs gathering not written yet.
+        raise TrainingSetupError(f"{accelerator.distributed_type.name} sharding is not supported yet "
+                                 "(docs/scaling.md); launch data-parallel: peftlab train --devices N")
+    return accelerator
 
 
 def load_run_model(run) -> torch.nn.Module:

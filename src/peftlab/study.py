@@ -120,21 +120,26 @@ class Study:
 # --------------------------------------------------------------------------- loading and expanding
 
 
-def load_study(path: Path | str, overrides: list[str] | None = None) -> Study:
-    """Read, validate and expand a study file; `overrides` change the study (`seeds=2`) or the base config."""
-    path = Path(path)
+def read_spec(kind: type[_Strict], path: Path, overrides: list[str] | None) -> tuple[Any, dict[str, Any]]:
+    """A study-like file (`base` + `config` + its own keys) validated as `kind`, and its base config.
+    An override changes the file's own key if it has one (`seeds=2`), else the base config."""
     raw = read_yaml(path)
-    study_overrides, config_overrides = {}, {}
+    own, config_overrides = {}, {}
     for key, value in parse_overrides(overrides or []).items():
-        (study_overrides if key in StudySpec.model_fields else config_overrides)[key] = value
+        (own if key in kind.model_fields else config_overrides)[key] = value
     try:
-        spec = StudySpec.model_validate({**raw, **study_overrides})
+        spec = kind.model_validate({**raw, **own})
     except ValidationError as exc:
         problems = [f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors()]
         raise StudyError(f"{path}: {len(problems)} problem(s)\n  " + "\n  ".join(problems)) from None
-    base = read_yaml(path.parent / spec.base) if spec.base else {}
-    base = _merge(base, spec.config)
-    base = apply_overrides(base, config_overrides)
+    base = merge_configs(read_yaml(path.parent / spec.base) if spec.base else {}, spec.config)
+    return spec, apply_overrides(base, config_overrides)
+
+
+def load_study(path: Path | str, overrides: list[str] | None = None) -> Study:
+    """Read, validate and expand a study file; `overrides` change the study (`seeds=2`) or the base config."""
+    path = Path(path)
+    spec, base = read_spec(StudySpec, path, overrides)
     study = expand(spec, base, path)
     study.baseline_label()  # an unmatched baseline fails now, not after the runs
     return study
@@ -178,11 +183,12 @@ def expand(spec: StudySpec, base: dict[str, Any], origin: Path) -> Study:
     return Study(spec, origin, directory, cells, collapsed)
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_configs(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, section by section."""
     merged = dict(base)
     for key, value in extra.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = merge_configs(merged[key], value) if both_sections else value
     return merged
 
 

@@ -70,6 +70,7 @@ class Progress:
     eval_seconds: float = 0.0
     evals: int = 0
     skipped_steps: int = 0
+    pruned: bool = False  # an `after_eval` hook (a hyper-parameter search's pruner) asked to stop
     best: dict[str, Any] | None = None
     last: dict[str, Any] | None = None
     evals_since_best: int = 0
@@ -87,6 +88,7 @@ class Hooks:
     checkpoint: Callable[[Progress], None]
     stop_requested: Callable[[], str | None]
     restore_rng: Callable[[], None] | None = None  # set when resuming: called once the data is in position
+    after_eval: Callable[[dict], bool] | None = None  # True: stop at the end of this epoch
 
 
 def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cfg: TrainConfig, names: list[str],
@@ -138,7 +140,7 @@ def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cf
         state.batches_in_epoch = 0
         if state.last is None or state.last["step"] != state.step:
             _evaluate(model, eval_loader_, accelerator, names, state, cfg, hooks)
-        if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
+        if state.pruned or (cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience):
             state.stopped_early = state.step < total
             break
         if state.step >= total:
@@ -202,6 +204,7 @@ def _evaluate(model, loader, accelerator, names, state: Progress, cfg: TrainConf
     record = {"type": "eval", "step": state.step, "epoch": state.epoch, "train_loss": train_loss, **metrics}
     hooks.log(record)
     state.last = record
+    state.pruned = state.pruned or bool(hooks.after_eval and hooks.after_eval(record))
     if is_better(cfg.best_metric, metrics[cfg.best_metric], state.best and state.best[cfg.best_metric]):
         state.best, state.evals_since_best = record, 0
         hooks.keep_best()
@@ -220,9 +223,11 @@ def tqdm_write(message: str, accelerator=None) -> None:
 # --------------------------------------------------------------------------- a whole run
 
 
-def train(config: RunConfig, resume: str | Path | None = None) -> Path:
+def train(config: RunConfig, resume: str | Path | None = None,
+          after_eval: Callable[[dict], bool] | None = None) -> Path:
     """Validate, load, train, evaluate, save: returns the finished run directory. `resume`: "auto"
-    (the latest complete checkpoint of this run, or a fresh start) or the path of one checkpoint."""
+    (the latest complete checkpoint of this run, or a fresh start) or the path of one checkpoint.
+    `after_eval(record)` sees every evaluation; True ends training after the epoch (a pruned trial)."""
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -282,7 +287,8 @@ def train(config: RunConfig, resume: str | Path | None = None) -> Path:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     with StopOnSignal() as stop:
         hooks = Hooks(log=run.log if run else (lambda record: None), keep_best=keep_best,
-                      checkpoint=checkpoint_and_maybe_stop, stop_requested=lambda: stop.agreed(accelerator))
+                      checkpoint=checkpoint_and_maybe_stop, stop_requested=lambda: stop.agreed(accelerator),
+                      after_eval=after_eval)
         state = _resume(checkpoint, unwrapped, optimizer, scheduler, accelerator, run, hooks) if checkpoint \
             else Progress()
         state = fit(model, optimizer, scheduler, train_loader, evaluation_loader, accelerator, cfg, names, hooks,
@@ -418,6 +424,7 @@ def _summary(config: RunConfig, data: RunData, counts: dict, state: Progress, st
         "best_metric": config.train.best_metric, "best": state.best, "final": state.last,
         "best_epoch": state.best["epoch"], "best_step": state.best["step"], "epochs_run": state.epoch,
         "steps": state.step, "skipped_steps": state.skipped_steps, "stopped_early": state.stopped_early,
+        "pruned": state.pruned,
         "train_seconds": state.train_seconds, "train_samples_per_s": state.samples / max(state.train_seconds, 1e-9),
         "train_tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),
         "eval_seconds": state.eval_seconds,
