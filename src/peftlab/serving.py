@@ -119,7 +119,7 @@ class ServedModel:
             model, tokenizer = load_classifier(str(path)), load_tokenizer(str(path))
             labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
             length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
-            kind, base = "merged", str(path)
+            kind, base = "merged", path.name
         else:
             raise ServeError(f"{path} is neither a finished run nor a model directory with config.json")
         adapter = Adapter(name, str(path), labels, max_length or length, kind, mixable=False)
@@ -160,8 +160,9 @@ class ServedModel:
 
     def info(self) -> dict[str, Any]:
         return {"base": self.base, "device": str(self.device),
+                # the run's name, not its path: clients need not learn the server's file system
                 "adapters": {a.name: {"labels": a.labels, "max_length": a.max_length, "method": a.method,
-                                      "source": a.source, "mixed_batches": a.mixable}
+                                      "run": Path(a.source).name, "mixed_batches": a.mixable}
                              for a in self.adapters.values()}}
 
 
