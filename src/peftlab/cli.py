@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.set_defaults(func=_study)
 
     tune = commands.add_parser("tune", help="hyper-parameter search with Optuna; every trial an ordinary run",
-                               description="Search a tune file's space (see peftlab/tune.py for the format); "
+                               description="Search a tune file's space (format: docs/scaling.md); "
                                            "weak trials are pruned on the per-epoch metric. Run it again, or on "
                                            "more machines with a shared `storage` URL, to go on.")
     tune.add_argument("tune", type=Path, help="tune YAML file")
