@@ -10,6 +10,12 @@ import numpy as np
 import torch
 
 
+def padded_inputs(tokenizer, ids: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Token ids padded into one batch: the model's input ids and attention mask on `device`."""
+    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
 @dataclass
 class Classifier:
     model: torch.nn.Module
@@ -34,19 +40,15 @@ class Classifier:
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
 
     @torch.inference_mode()
-    def probabilities(self, texts: list[str], batch_size: int = 64, adapters: list[str] | None = None) -> np.ndarray:
+    def probabilities(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Softmax over classes, one row per text in the given order. Texts are sorted by length so that
-        each batch pads little (the way evaluation batches); `adapters` names one adapter per text."""
+        each batch pads little (the way evaluation batches)."""
         ids = self.encode(texts)
         order = np.argsort([-len(x) for x in ids], kind="stable")
         out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-            inputs = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            if adapters is not None:
-                inputs["adapter_names"] = [adapters[i] for i in rows]
-            logits = self.model(**inputs).logits.float()
+            logits = self.model(**padded_inputs(self.tokenizer, [ids[i] for i in rows], self.device)).logits.float()
             out[rows] = torch.softmax(logits, dim=-1).cpu().numpy()
         return out
 

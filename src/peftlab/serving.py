@@ -131,8 +131,9 @@ class ServedModel:
     def probabilities(self, ids: list[list[int]], adapters: list[str]) -> list[np.ndarray]:
         """Class probabilities for one padded batch; row i through adapter `adapters[i]` (each row's
         array has that adapter's number of labels)."""
-        batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        from peftlab.inference import padded_inputs
+
+        inputs = padded_inputs(self.tokenizer, ids, self.device)
         groups = self._groups(adapters)
         out: list[np.ndarray] = [np.empty(0)] * len(ids)
         for rows, adapter_names in groups:
