@@ -6,6 +6,12 @@ and the table shows each figure and the ratio peftlab / peer:
 
     .venv/bin/python bench/train_vs_trainer.py                       # CPU workload: MiniLM + tweets, LoRA and full
     .venv/bin/python bench/train_vs_trainer.py --methods lora --repeats 3 --json bench/cpu.json
+    .venv/bin/python bench/train_vs_trainer.py --variants "default=;torch-dropout=train.fast_dropout=false"
+
+peftlab runs once per variant: a name and the config overrides it applies (`;` between variants,
+`,` between overrides). The default variants are peftlab's defaults (fp32 here) and bf16 autocast,
+the speed option that changes numerics on a CPU; each shows its own accuracy. Repeats are
+interleaved (peer, then every variant, then again), so a slow spell of the machine hits all alike.
 
 Train throughput counts training only (the peer's evaluations inside `trainer.train()` are taken
 out of its time); tokens are real (non-pad) tokens; peak memory is each run's own (reset between runs).
@@ -24,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from peftlab import environment
-from peftlab.config import validate_config
+from peftlab.config import apply_overrides, parse_overrides, validate_config
 from peftlab.pipeline import prepare_data
 from peftlab.runs import load_run
 from peftlab.train import train
@@ -47,8 +53,8 @@ def workload(args, method: str, out: Path) -> dict:
     }
 
 
-def run_peftlab(raw: dict) -> dict:
-    summary = load_run(train(validate_config(raw))).summary
+def run_peftlab(raw: dict, overrides: dict) -> dict:
+    summary = load_run(train(validate_config(apply_overrides(raw, overrides)))).summary
     return {"train_samples_per_s": summary["train_samples_per_s"], "train_tokens_per_s": summary["train_tokens_per_s"],
             "eval_samples_per_s": summary["eval_samples_per_s"], "peak_rss_mb": summary["peak_rss_mb"],
             "accuracy": summary["final"]["accuracy"], "f1_macro": summary["final"]["f1_macro"],
@@ -124,6 +130,15 @@ def median_of(runs: list[dict]) -> dict:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
+def parse_variants(text: str) -> dict[str, dict]:
+    """`"default=;bf16=train.precision=bf16"` -> {"default": {}, "bf16": {"train.precision": "bf16"}}."""
+    variants = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        name, _, overrides = item.partition("=")
+        variants[name] = parse_overrides([o for o in overrides.split(",") if o])
+    return variants
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm")
@@ -133,30 +148,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--methods", default="lora,full")
+    parser.add_argument("--variants", default="default=;bf16=train.precision=bf16",
+                        help="peftlab variants: NAME=OVERRIDE,OVERRIDE;NAME=... (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each side; medians are reported")
     parser.add_argument("--json", type=Path, help="also write the figures and ratios here")
     args = parser.parse_args(argv)
+    variants = parse_variants(args.variants)
 
     results = []
+    device = environment.hardware().get("gpu") or f"{environment.hardware()['cpu_count']} CPU cores"
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
             raw = workload(args, method, Path(tmp))
-            peer = median_of([run_peer(raw, Path(tmp)) for _ in range(args.repeats)])
-            ours = median_of([run_peftlab(raw) for _ in range(args.repeats)])
-            row = {"workload": f"{args.model}/{args.data} {method} n_train={args.n_train} epochs={args.epochs}",
-                   "device": environment.hardware().get("gpu") or f"{environment.hardware()['cpu_count']} CPU cores",
-                   "repeats": args.repeats, "peer": peer, "peftlab": ours}
-            for key in FIGURES:
-                row[f"{key}_ratio"] = ours[key] / peer[key] if peer[key] else float("nan")
-            results.append(row)
-            print_row(row)
+            peer_runs, our_runs = [], {name: [] for name in variants}
+            for _ in range(args.repeats):
+                peer_runs.append(run_peer(raw, Path(tmp)))
+                for name, overrides in variants.items():
+                    our_runs[name].append(run_peftlab(raw, overrides))
+            peer = median_of(peer_runs)
+            for name, runs in our_runs.items():
+                ours = median_of(runs)
+                row = {"workload": f"{args.model}/{args.data} {method} n_train={args.n_train} epochs={args.epochs}",
+                       "variant": name, "overrides": variants[name], "device": device, "repeats": args.repeats,
+                       "peer": peer, "peftlab": ours}
+                for key in FIGURES:
+                    row[f"{key}_ratio"] = ours[key] / peer[key] if peer[key] else float("nan")
+                results.append(row)
+                print_row(row)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
 def print_row(row: dict) -> None:
-    print(f"\n{row['workload']} on {row['device']} (median of {row['repeats']})")
+    print(f"\n{row['workload']}, peftlab {row['variant']} {row['overrides'] or ''} on {row['device']} "
+          f"(median of {row['repeats']})")
     print(f"{'figure':<22}{'peer':>12}{'peftlab':>12}{'ratio':>9}")
     for key in FIGURES:
         print(f"{key:<22}{row['peer'][key]:>12.3f}{row['peftlab'][key]:>12.3f}{row[key + '_ratio']:>8.2f}x")

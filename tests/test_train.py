@@ -14,9 +14,9 @@ from peftlab.runs import RunError, load_run, read_metrics
 from peftlab.train import NonFiniteLossError, train
 
 LEARNABLE = {
-    "lora": ({"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0}, 1e-2),
+    "lora": ({"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0}, 5e-3),
     "full": ({"kind": "full"}, 2e-3),
-    "dora": ({"kind": "dora", "r": 8, "alpha": 16, "dropout": 0.0}, 1e-2),
+    "dora": ({"kind": "dora", "r": 8, "alpha": 16, "dropout": 0.0}, 5e-3),
     "loraplus": ({"kind": "loraplus", "r": 8, "alpha": 16, "dropout": 0.0, "lr_ratio": 2}, 6e-3),
 }
 

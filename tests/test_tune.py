@@ -55,8 +55,8 @@ def test_trials_are_ordinary_runs_and_a_second_call_goes_on_to_the_new_total(tin
 
 def test_the_pruner_ends_a_hopeless_trial_after_its_first_epoch_as_a_finished_run(tiny_models, toy_files, tmp_path):
     path = write_tune(tiny_models, toy_files, tmp_path, trials=2, metric="eval_loss",
-                      space={"train.lr": [1e-4, 0.5]}, enqueue=[{"train.lr": 1e-4}, {"train.lr": 0.5}])
-    assert main(["tune", str(path), "train.epochs=4"]) == 0  # lr 0.5 blows the loss up: pruned
+                      space={"train.lr": [1e-4, 50.0]}, enqueue=[{"train.lr": 1e-4}, {"train.lr": 50.0}])
+    assert main(["tune", str(path), "train.epochs=4"]) == 0  # lr 50 blows the loss up: pruned
     first, second = trials_of(tmp_path)["trials"]
     assert (first["state"], second["state"]) == ("COMPLETE", "PRUNED")
     runs = tmp_path / "runs" / "toy-tune"

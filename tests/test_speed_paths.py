@@ -1,0 +1,104 @@
+"""CPU speed paths that must not change the task: fast dropout masks, frozen weights stored in bf16."""
+
+import pytest
+import torch
+from torch import nn
+
+from peftlab.config import validate_config
+from peftlab.fast_dropout import ATTENTION, FastDropout, keep_mask, use_fast_dropout
+from peftlab.methods import apply_method, store_frozen_linears_in
+from peftlab.models import load_classifier
+
+LABELS = {0: "neg", 1: "pos"}
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_mask_drops_at_the_rate_and_rescales(p):
+    torch.manual_seed(0)
+    mask = keep_mask(torch.Size([1000, 1000]), p, torch.float32)
+    kept = mask != 0
+    assert abs(1 - kept.float().mean().item() - p) < 0.003  # 1e6 draws: std of the rate is 3e-4
+    assert torch.allclose(mask[kept], torch.tensor(1 / (1 - p)))
+    # rows are not copies of each other (the 64-bit draws are split, not repeated)
+    assert not torch.equal(kept[0], kept[1])
+
+
+def test_masks_follow_torchs_seed():
+    torch.manual_seed(3)
+    first = keep_mask(torch.Size([64, 33]), 0.1, torch.float32)
+    torch.manual_seed(3)
+    assert torch.equal(first, keep_mask(torch.Size([64, 33]), 0.1, torch.float32))
+
+
+def test_fast_dropout_is_identity_in_eval_and_scales_in_training():
+    layer = FastDropout(0.25)
+    x = torch.randn(50, 40)
+    assert layer.eval()(x) is x
+    out = layer.train()(x)
+    assert torch.allclose(out[out != 0], (x * 4 / 3)[out != 0])
+    assert 0.15 < (out == 0).float().mean().item() < 0.35
+
+
+def _batch():
+    torch.manual_seed(1)
+    ids = torch.randint(5, 50, (6, 10))
+    mask = torch.ones(6, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[4, 3:] = 0
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "roberta", "deberta-v2"])
+def test_fast_dropout_model_trains_the_same_function(tiny_models, arch):
+    """Every dropout is swapped; the training attention (explicit softmax, for its dropout) gives the
+    same outputs as SDPA when nothing is dropped, padding included."""
+    torch.manual_seed(0)
+    reference = load_classifier(str(tiny_models[arch]), LABELS)
+    torch.manual_seed(0)
+    fast = load_classifier(str(tiny_models[arch]), LABELS)
+    dropouts = sum(type(m) is nn.Dropout for m in fast.modules())
+    assert use_fast_dropout(fast) == dropouts > 0
+    assert not any(type(m) is nn.Dropout for m in fast.modules())
+    assert (fast.config._attn_implementation == ATTENTION) == (arch != "deberta-v2")
+    for model in (reference, fast):
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        model.config.attention_probs_dropout_prob = 0.0
+    batch = _batch()
+    expected = reference.train()(**batch).logits
+    got = fast.train()(**batch).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(fast.eval()(**batch).logits, reference.eval()(**batch).logits, atol=1e-6)
+
+
+def test_fast_dropout_reaches_lora_adapters(tiny_models):
+    method = validate_config({"data": {"source": "tweets"},
+                              "method": {"kind": "lora", "r": 4, "dropout": 0.2, "targets": "attention"}}).method
+    model = apply_method(load_classifier(str(tiny_models["bert"]), LABELS), method)
+    use_fast_dropout(model)
+    lora_dropouts = [m for name, m in model.named_modules() if "lora_dropout" in name and isinstance(m, nn.Dropout)]
+    assert lora_dropouts and all(type(m) is FastDropout and m.p == 0.2 for m in lora_dropouts)
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3", "head"])
+def test_frozen_weights_in_bf16_give_what_autocast_gives(tiny_models, kind):
+    """Autocast casts each frozen fp32 weight to bf16 at every matmul; stored in bf16 once, the loss
+    and the gradients of the trained parameters are the same."""
+    spec = {"kind": kind} if kind != "lora" else {"kind": "lora", "r": 4, "dropout": 0.0, "targets": "all-linear"}
+    method = validate_config({"data": {"source": "tweets"}, "method": spec}).method
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(apply_method(load_classifier(str(tiny_models["bert"]), LABELS), method).train())
+    assert store_frozen_linears_in(models[1], torch.bfloat16) > 0
+    assert all(p.dtype == torch.float32 for p in models[1].parameters() if p.requires_grad)
+    losses, grads = [], []
+    for model in models:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**_batch(), labels=torch.tensor([0, 1, 0, 1, 1, 0])).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert torch.equal(losses[0], losses[1])
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
