@@ -7,6 +7,11 @@ and the table shows each figure and the ratio peftlab / peer:
     .venv/bin/python bench/train_vs_trainer.py                       # CPU workload: MiniLM + tweets, LoRA and full
     .venv/bin/python bench/train_vs_trainer.py --methods lora --repeats 3 --json bench/cpu.json
     .venv/bin/python bench/train_vs_trainer.py --variants "default=;torch-dropout=train.fast_dropout=false"
+    .venv/bin/python bench/train_vs_trainer.py --workload imdb-shaped --json bench/gpu.json   # on a GPU
+
+The GPU workload (`--workload imdb-shaped`, bench/imdb_shaped.py): distilbert-base and roberta-base
+shapes with random weights, 25,000 synthetic texts with IMDB's token lengths (truncated at 512),
+1 epoch, batch 32; it also reports model FLOPs utilisation against the GPU's bf16 peak.
 
 peftlab runs once per variant: a name and the config overrides it applies (`;` between variants,
 `,` between overrides). The default variants are peftlab's defaults (fp32 here) and bf16 autocast,
@@ -35,20 +40,40 @@ from peftlab.pipeline import prepare_data
 from peftlab.runs import load_run
 from peftlab.train import train
 
-RECIPES = {  # the seeds' CPU workload (../shared/OFFLINE.md)
-    "lora": {"method": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "targets": ["query", "value"]},
-             "lr": 5e-4},
+RECIPES = {  # the seeds' CPU workload (../shared/OFFLINE.md); LoRA targets come with the model
+    "lora": {"method": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.1}, "lr": 5e-4},
     "full": {"method": {"kind": "full"}, "lr": 5e-5},
+}
+DEFAULTS = {  # per workload: n_train, n_eval, epochs, max_length, batch_size
+    "tweets": {"n_train": 2000, "n_eval": 500, "epochs": 2, "max_length": 128, "batch_size": 16},
+    "imdb-shaped": {"n_train": 25000, "n_eval": 2500, "epochs": 1, "max_length": 512, "batch_size": 32},
 }
 
 
-def workload(args, method: str, out: Path) -> dict:
+def models(args, root: Path) -> list[dict]:
+    """The models of the chosen workload: label, model name or path, data section, LoRA targets."""
+    if args.workload == "tweets":
+        return [{"label": f"{args.model}/{args.data}", "model": args.model, "targets": ["query", "value"],
+                 "data": {"source": args.data, "n_train": args.n_train, "n_eval": args.n_eval}}]
+    import imdb_shaped
+
+    built = []
+    for arch in args.arch.split(","):
+        model_dir, train_csv, eval_csv = imdb_shaped.build(arch, root, args.n_train, args.n_eval)
+        built.append({"label": f"{arch}-base/imdb-shaped", "model": str(model_dir), "model_dir": model_dir,
+                      "targets": imdb_shaped.LORA_TARGETS[arch],
+                      "data": {"train_file": str(train_csv), "eval_file": str(eval_csv)}})
+    return built
+
+
+def workload(args, model: dict, method: str, out: Path) -> dict:
+    targets = {"targets": model["targets"]} if method == "lora" else {}
     return {
-        "model": {"name": args.model, "max_length": args.max_length},
-        "data": {"source": args.data, "n_train": args.n_train, "n_eval": args.n_eval},
-        "method": RECIPES[method]["method"],
-        "train": {"epochs": args.epochs, "batch_size": 16, "eval_batch_size": 64, "lr": RECIPES[method]["lr"],
-                  "seed": 42, "weight_decay": 0.0, "checkpoint_each_epoch": False},
+        "model": {"name": model["model"], "max_length": args.max_length},
+        "data": model["data"],
+        "method": RECIPES[method]["method"] | targets,
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": 64,
+                  "lr": RECIPES[method]["lr"], "seed": 42, "weight_decay": 0.0, "checkpoint_each_epoch": False},
         "output": {"dir": str(out), "name": method, "overwrite": True, "progress": False, "save_model": False},
     }
 
@@ -57,6 +82,7 @@ def run_peftlab(raw: dict, overrides: dict) -> dict:
     summary = load_run(train(validate_config(apply_overrides(raw, overrides)))).summary
     return {"train_samples_per_s": summary["train_samples_per_s"], "train_tokens_per_s": summary["train_tokens_per_s"],
             "eval_samples_per_s": summary["eval_samples_per_s"], "peak_rss_mb": summary["peak_rss_mb"],
+            **({"peak_gpu_memory_mb": summary["peak_gpu_memory_mb"]} if "peak_gpu_memory_mb" in summary else {}),
             "accuracy": summary["final"]["accuracy"], "f1_macro": summary["final"]["f1_macro"],
             "train_seconds": summary["train_seconds"]}
 
@@ -97,7 +123,8 @@ def run_peer(raw: dict, out: Path) -> dict:
                 "f1_macro": f1_score(prediction.label_ids, predicted, average="macro")}
 
     arguments = TrainingArguments(output_dir=str(out / "peer"), num_train_epochs=config.train.epochs,
-                                  per_device_train_batch_size=16, per_device_eval_batch_size=64,
+                                  per_device_train_batch_size=config.train.batch_size,
+                                  per_device_eval_batch_size=config.train.eval_batch_size,
                                   learning_rate=config.train.lr, eval_strategy="epoch", save_strategy="no",
                                   report_to=[], seed=42, logging_strategy="epoch", disable_tqdm=True)
     trainer = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=eval_set,
@@ -113,7 +140,7 @@ def run_peer(raw: dict, out: Path) -> dict:
     evaluations = sum(1 for r in trainer.state.log_history if "eval_runtime" in r)
     return {"train_samples_per_s": samples / train_seconds, "train_tokens_per_s": tokens / train_seconds,
             "eval_samples_per_s": evaluations * len(eval_set) / eval_seconds,
-            "peak_rss_mb": environment.peak_memory_mb()["peak_rss_mb"],
+            **environment.peak_memory_mb(),
             "accuracy": final["eval_accuracy"], "f1_macro": final["eval_f1_macro"], "train_seconds": train_seconds}
 
 
@@ -123,7 +150,24 @@ def environment_model_dir(name: str) -> str:
     return resolve_model_name(name)
 
 
-FIGURES = ["train_samples_per_s", "train_tokens_per_s", "eval_samples_per_s", "peak_rss_mb", "accuracy", "f1_macro"]
+FIGURES = ["train_samples_per_s", "train_tokens_per_s", "eval_samples_per_s", "peak_rss_mb", "peak_gpu_memory_mb",
+           "mfu", "accuracy", "f1_macro"]
+
+
+def figures(side: dict) -> list[str]:
+    return [key for key in FIGURES if key in side]
+
+
+def with_mfu(side: dict, model: dict, method: str, device: str) -> dict:
+    """Model FLOPs utilisation of training against the GPU's bf16 peak (imdb-shaped workload on a GPU)."""
+    import imdb_shaped
+
+    peak = imdb_shaped.bf16_peak(device)
+    if "model_dir" not in model or peak is None:
+        return side
+    mean_length = side["train_tokens_per_s"] / side["train_samples_per_s"]
+    flops = imdb_shaped.train_flops_per_token(model["model_dir"], method == "full", mean_length)
+    return side | {"mfu": flops * side["train_tokens_per_s"] / peak}
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -141,40 +185,44 @@ def parse_variants(text: str) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm")
-    parser.add_argument("--data", default="tweets")
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-eval", type=int, default=500)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--workload", choices=sorted(DEFAULTS), default="tweets")
+    parser.add_argument("--model", default="minilm", help="tweets workload: the model")
+    parser.add_argument("--data", default="tweets", help="tweets workload: the data source")
+    parser.add_argument("--arch", default="distilbert,roberta", help="imdb-shaped workload: architectures")
+    for key in ("n_train", "n_eval", "epochs", "max_length", "batch_size"):
+        parser.add_argument("--" + key.replace("_", "-"), type=int, help="default: the workload's own")
     parser.add_argument("--methods", default="lora,full")
     parser.add_argument("--variants", default="default=;bf16=train.precision=bf16",
                         help="peftlab variants: NAME=OVERRIDE,OVERRIDE;NAME=... (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each side; medians are reported")
     parser.add_argument("--json", type=Path, help="also write the figures and ratios here")
     args = parser.parse_args(argv)
+    for key, value in DEFAULTS[args.workload].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     variants = parse_variants(args.variants)
 
     results = []
     device = environment.hardware().get("gpu") or f"{environment.hardware()['cpu_count']} CPU cores"
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods.split(","):
-            raw = workload(args, method, Path(tmp))
-            peer_runs, our_runs = [], {name: [] for name in variants}
-            for _ in range(args.repeats):
-                peer_runs.append(run_peer(raw, Path(tmp)))
-                for name, overrides in variants.items():
-                    our_runs[name].append(run_peftlab(raw, overrides))
-            peer = median_of(peer_runs)
-            for name, runs in our_runs.items():
-                ours = median_of(runs)
-                row = {"workload": f"{args.model}/{args.data} {method} n_train={args.n_train} epochs={args.epochs}",
-                       "variant": name, "overrides": variants[name], "device": device, "repeats": args.repeats,
-                       "peer": peer, "peftlab": ours}
-                for key in FIGURES:
-                    row[f"{key}_ratio"] = ours[key] / peer[key] if peer[key] else float("nan")
-                results.append(row)
-                print_row(row)
+        for model in models(args, Path(tmp)):
+            for method in args.methods.split(","):
+                raw = workload(args, model, method, Path(tmp))
+                peer_runs, our_runs = [], {name: [] for name in variants}
+                for _ in range(args.repeats):
+                    peer_runs.append(run_peer(raw, Path(tmp)))
+                    for name, overrides in variants.items():
+                        our_runs[name].append(run_peftlab(raw, overrides))
+                peer = with_mfu(median_of(peer_runs), model, method, device)
+                for name, runs in our_runs.items():
+                    ours = with_mfu(median_of(runs), model, method, device)
+                    row = {"workload": f"{model['label']} {method} n_train={args.n_train} epochs={args.epochs}",
+                           "variant": name, "overrides": variants[name], "device": device, "repeats": args.repeats,
+                           "peer": peer, "peftlab": ours}
+                    for key in figures(ours):
+                        row[f"{key}_ratio"] = ours[key] / peer[key] if peer.get(key) else float("nan")
+                    results.append(row)
+                    print_row(row)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
@@ -184,8 +232,9 @@ def print_row(row: dict) -> None:
     print(f"\n{row['workload']}, peftlab {row['variant']} {row['overrides'] or ''} on {row['device']} "
           f"(median of {row['repeats']})")
     print(f"{'figure':<22}{'peer':>12}{'peftlab':>12}{'ratio':>9}")
-    for key in FIGURES:
-        print(f"{key:<22}{row['peer'][key]:>12.3f}{row['peftlab'][key]:>12.3f}{row[key + '_ratio']:>8.2f}x")
+    for key in figures(row["peftlab"]):
+        print(f"{key:<22}{row['peer'].get(key, float('nan')):>12.3f}{row['peftlab'][key]:>12.3f}"
+              f"{row[key + '_ratio']:>8.2f}x")
     sys.stdout.flush()
 
 
