@@ -33,6 +33,14 @@ def hardware() -> dict[str, object]:
     return info
 
 
+def cpu_has_amx_bf16() -> bool:
+    """Whether the CPU multiplies bf16 matrices in AMX tiles (Linux flags), where bf16 autocast pays."""
+    try:
+        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def git_revision() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
