@@ -257,7 +257,7 @@ def train(config: RunConfig, resume: str | Path | None = None,
         store_frozen_linears_in(model, autocast_dtype)
     counts = count_parameters(model)
     run = run.create(resuming=checkpoint is not None) if run else None
-    _announce(config, data, counts, run, accelerator)
+    _announce(config, data, counts, run, accelerator, fast_dropout)
     if run and not checkpoint:
         run.save_config(config)
         run.write_json(LABELS, {"labels": names, "id2label": data.splits.labels.id2label,
@@ -412,7 +412,8 @@ def _refuse_non_finite(model: torch.nn.Module) -> None:
             raise NonFiniteLossError(f"parameter {name} became non-finite; nothing was saved from this step on")
 
 
-def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None, accelerator) -> None:
+def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None, accelerator,
+              fast_dropout: bool) -> None:
     if not accelerator.is_main_process:
         return
     print("resolved config:\n" + "\n".join("  " + line for line in config.to_yaml().splitlines()))
@@ -425,7 +426,7 @@ def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None
     print(f"method {config.method.kind}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} "
           f"parameters ({100 * counts['trainable_share']:.3f}%); device {accelerator.device}, "
           f"precision {_precision(accelerator)}, "
-          f"{'fast CPU dropout' if _wants_fast_dropout(config.train, accelerator) else 'torch dropout'}")
+          f"{'fast CPU dropout' if fast_dropout else 'torch dropout'}")
     if accelerator.device.type == "cpu" and _precision(accelerator) == "fp32" and environment.cpu_has_amx_bf16():
         print("hint: this CPU has AMX; train.precision=bf16 trained 1.45x faster at the same F1 in peftlab's "
               "benchmark (bench/RESULTS.md)")

@@ -18,7 +18,6 @@ command again goes on until `trials` trials are complete or pruned.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +25,7 @@ from pydantic import Field
 
 from peftlab.config import METRICS, ConfigError, _Strict, apply_overrides, validate_config
 from peftlab.metrics import LOWER_IS_BETTER
-from peftlab.runs import atomic_write_json, is_finished
+from peftlab.runs import atomic_write_json, is_finished, load_run
 from peftlab.study import StudyError, read_spec
 
 TUNE_FILE = "tune.json"
@@ -114,7 +113,7 @@ def run_tune(tune: Tune) -> dict[str, Any]:
             return trial.should_prune()
 
         run = train(config, after_eval=report)
-        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+        summary = load_run(run).summary
         trial.set_user_attr("run", run.name)
         if summary["pruned"]:
             raise optuna.TrialPruned(f"pruned after epoch {summary['epochs_run']}")
