@@ -144,6 +144,38 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(make_config
     assert [p.name for p in root.iterdir()] == ["step-00000004"] and verify(root / "step-00000004") is None
 
 
+def test_rewriting_a_step_never_deletes_the_old_checkpoint_in_place(tmp_path, monkeypatch):
+    """The end-of-epoch checkpoint may rewrite the step just saved; the old one is swapped out by
+    renames, so a failure (or a kill) between them leaves it whole."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    root = tmp_path / "checkpoints"
+
+    def save(epoch: int) -> Path:
+        state = {"progress": {"step": 5, "epoch": epoch}}
+        return checkpoints_module.save_checkpoint(root, model, optimizer, scheduler, state, keep=2)
+
+    first = save(1)
+    real = os.replace
+
+    def fails_into_place(source, target):
+        if Path(target) == first and ".tmp" in Path(source).name:  # the new checkpoint into place
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(target))
+        return real(source, target)
+
+    monkeypatch.setattr(checkpoints_module.os, "replace", fails_into_place)
+    with pytest.raises(CheckpointError, match="could not write checkpoint"):
+        save(2)
+    assert verify(first) is None and checkpoints_module.read_checkpoint(first).state["progress"]["epoch"] == 1
+    monkeypatch.setattr(checkpoints_module.os, "replace", real)
+    assert save(2) == first and verify(first) is None
+    assert checkpoints_module.read_checkpoint(first).state["progress"]["epoch"] == 2
+    assert [p.name for p in root.iterdir()] == ["step-00000005"]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_non_finite_steps_are_skipped_up_to_the_limit_and_never_saved(make_config, monkeypatch, precision):
     poison_training_forward(monkeypatch, lambda n: n in (6, 7), float("inf"))

@@ -60,9 +60,7 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, st
         manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         _fsync(tmp / MANIFEST)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _swap_in(tmp, final)
         _fsync_dir(root)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -72,6 +70,23 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, st
     for old in _candidates(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`. The end-of-epoch checkpoint may rewrite the step just saved: the old one
+    is renamed aside, never deleted in place, so a kill leaves it whole or the step absent."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
