@@ -66,14 +66,14 @@ def models(args, root: Path) -> list[dict]:
     return built
 
 
-def workload(args, model: dict, method: str, out: Path) -> dict:
+def workload(args, model: dict, method: str, out: Path, seed: int) -> dict:
     targets = {"targets": model["targets"]} if method == "lora" else {}
     return {
         "model": {"name": model["model"], "max_length": args.max_length},
         "data": model["data"],
         "method": RECIPES[method]["method"] | targets,
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": 64,
-                  "lr": RECIPES[method]["lr"], "seed": 42, "weight_decay": 0.0, "checkpoint_each_epoch": False},
+                  "lr": RECIPES[method]["lr"], "seed": seed, "weight_decay": 0.0, "checkpoint_each_epoch": False},
         "output": {"dir": str(out), "name": method, "overwrite": True, "progress": False, "save_model": False},
     }
 
@@ -102,7 +102,7 @@ def run_peer(raw: dict, out: Path) -> dict:
     names = data.splits.labels.names
     model_dir = str(environment_model_dir(config.model.name))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(42)
+    torch.manual_seed(config.train.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     method = raw["method"]
@@ -126,7 +126,7 @@ def run_peer(raw: dict, out: Path) -> dict:
                                   per_device_train_batch_size=config.train.batch_size,
                                   per_device_eval_batch_size=config.train.eval_batch_size,
                                   learning_rate=config.train.lr, eval_strategy="epoch", save_strategy="no",
-                                  report_to=[], seed=42, logging_strategy="epoch", disable_tqdm=True)
+                                  report_to=[], seed=config.train.seed, logging_strategy="epoch", disable_tqdm=True)
     trainer = Trainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics)
     started = time.perf_counter()
@@ -170,8 +170,17 @@ def with_mfu(side: dict, model: dict, method: str, device: str) -> dict:
     return side | {"mfu": flops * side["train_tokens_per_s"] / peak}
 
 
-def median_of(runs: list[dict]) -> dict:
-    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+QUALITY = ("accuracy", "f1_macro")
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Speeds and memory: medians over the repeats. Quality: the mean over their seeds, and its std."""
+    summary = {key: statistics.median(r[key] for r in runs) for key in runs[0] if key not in QUALITY}
+    for key in QUALITY:
+        values = [r[key] for r in runs]
+        summary[key] = statistics.fmean(values)
+        summary[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return summary
 
 
 def parse_variants(text: str) -> dict[str, dict]:
@@ -194,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="lora,full")
     parser.add_argument("--variants", default="default=;bf16=train.precision=bf16",
                         help="peftlab variants: NAME=OVERRIDE,OVERRIDE;NAME=... (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each side; medians are reported")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each side, repeat i with train seed SEED+i (the data rows stay the same); "
+                             "speeds are medians, accuracy and F1 means over the seeds")
+    parser.add_argument("--seed", type=int, default=42, help="train seed of the first repeat (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the figures and ratios here")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.workload].items():
@@ -207,17 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for model in models(args, Path(tmp)):
             for method in args.methods.split(","):
-                raw = workload(args, model, method, Path(tmp))
                 peer_runs, our_runs = [], {name: [] for name in variants}
-                for _ in range(args.repeats):
+                for repeat in range(args.repeats):
+                    raw = workload(args, model, method, Path(tmp), args.seed + repeat)
                     peer_runs.append(run_peer(raw, Path(tmp)))
                     for name, overrides in variants.items():
                         our_runs[name].append(run_peftlab(raw, overrides))
-                peer = with_mfu(median_of(peer_runs), model, method, device)
+                peer = with_mfu(aggregate(peer_runs), model, method, device)
                 for name, runs in our_runs.items():
-                    ours = with_mfu(median_of(runs), model, method, device)
+                    ours = with_mfu(aggregate(runs), model, method, device)
                     row = {"workload": f"{model['label']} {method} n_train={args.n_train} epochs={args.epochs}",
                            "variant": name, "overrides": variants[name], "device": device, "repeats": args.repeats,
+                           "seeds": list(range(args.seed, args.seed + args.repeats)),
                            "peer": peer, "peftlab": ours}
                     for key in figures(ours):
                         row[f"{key}_ratio"] = ours[key] / peer[key] if peer.get(key) else float("nan")
@@ -230,11 +243,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_row(row: dict) -> None:
     print(f"\n{row['workload']}, peftlab {row['variant']} {row['overrides'] or ''} on {row['device']} "
-          f"(median of {row['repeats']})")
+          f"(speeds: median of {row['repeats']}; accuracy and F1: mean over seeds {row['seeds']})")
     print(f"{'figure':<22}{'peer':>12}{'peftlab':>12}{'ratio':>9}")
     for key in figures(row["peftlab"]):
         print(f"{key:<22}{row['peer'].get(key, float('nan')):>12.3f}{row['peftlab'][key]:>12.3f}"
               f"{row[key + '_ratio']:>8.2f}x")
+    for key in QUALITY:
+        print(f"{key + ' std':<22}{row['peer'][key + '_std']:>12.3f}{row['peftlab'][key + '_std']:>12.3f}")
     sys.stdout.flush()
 
 

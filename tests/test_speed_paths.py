@@ -1,5 +1,9 @@
 """CPU speed paths that must not change the task: fast dropout masks, frozen weights stored in bf16."""
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -102,3 +106,29 @@ def test_frozen_weights_in_bf16_give_what_autocast_gives(tiny_models, kind):
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert torch.equal(losses[0], losses[1])
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+_FAULTS_PER_REALLOCATION = """
+import resource, sys, torch
+from peftlab import environment
+if sys.argv[1] == "keep":
+    assert environment.keep_freed_memory()
+for step in range(20):  # a 64 MB block freed and allocated again, as an embedding gradient is each step
+    if step == 10:  # the heap has grown to hold it (aligned allocations take a few rounds)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(16 << 20)
+    del block
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator setting")
+def test_freed_memory_is_reused_without_page_faults():
+    """By default glibc unmaps a freed 64 MB block, and the next one faults its 16k pages back in."""
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _FAULTS_PER_REALLOCATION, mode], capture_output=True, text=True,
+                             check=True)
+        return int(out.stdout.split()[-1])
+
+    assert faults("default") > 10_000
+    assert faults("keep") < 1_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import os
 import platform
@@ -39,6 +40,22 @@ def cpu_has_amx_bf16() -> bool:
         return " amx_bf16" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+
+
+def keep_freed_memory(top_limit_mb: int = 512) -> bool:
+    """Have glibc keep freed blocks for reuse instead of handing them back to the kernel. It serves
+    blocks over 32 MB (the gradient of a BERT vocabulary's embeddings: 47 MB for MiniLM) with mmap
+    and unmaps them when freed, so every CPU training step faulted that many fresh, kernel-zeroed
+    pages back in; from the heap they are reused (full fine-tuning about 8% faster). Up to
+    `top_limit_mb` of free memory stays at the heap's top. Process-wide, like torch.set_num_threads;
+    False (nothing changed) off glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, top_limit_mb << 20))
 
 
 def git_revision() -> str | None:

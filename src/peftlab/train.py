@@ -241,6 +241,8 @@ def train(config: RunConfig, resume: str | Path | None = None,
         torch.set_num_threads(config.train.num_threads)
     environment.reset_peak_memory()
     accelerator = make_accelerator(config.train)
+    if accelerator.device.type == "cpu":
+        environment.keep_freed_memory()
     run = RunDir.reserve(config.output, config.method.kind) if accelerator.is_main_process else None
     checkpoint = _checkpoint_to_resume(run, config, resume) if run and resume else None
     checkpoint = _shared_checkpoint(checkpoint, accelerator)
