@@ -12,6 +12,7 @@ from peftlab.config import validate_config
 from peftlab.fast_dropout import ATTENTION, FastDropout, keep_mask, use_fast_dropout
 from peftlab.methods import apply_method, store_frozen_linears_in
 from peftlab.models import load_classifier
+from peftlab.packed_linear import PackedFrozenLinear, pack_frozen_linears, packing_available
 
 LABELS = {0: "neg", 1: "pos"}
 
@@ -86,17 +87,25 @@ def test_fast_dropout_reaches_lora_adapters(tiny_models):
 
 
 @pytest.mark.parametrize("kind", ["lora", "ia3", "head"])
-def test_frozen_weights_in_bf16_give_what_autocast_gives(tiny_models, kind):
-    """Autocast casts each frozen fp32 weight to bf16 at every matmul; stored in bf16 once, the loss
-    and the gradients of the trained parameters are the same."""
+def test_frozen_weights_in_bf16_and_packed_give_what_autocast_gives(tiny_models, kind):
+    """Autocast casts each frozen fp32 weight to bf16 at every matmul (and oneDNN re-lays it out);
+    stored in bf16 once, and then packed once, the loss and the trained parameters' gradients are
+    those of autocast, and the state dict is unchanged."""
     spec = {"kind": kind} if kind != "lora" else {"kind": "lora", "r": 4, "dropout": 0.0, "targets": "all-linear"}
     method = validate_config({"data": {"source": "tweets"}, "method": spec}).method
     models = []
-    for _ in range(2):
+    for _ in range(3):
         torch.manual_seed(0)
         models.append(apply_method(load_classifier(str(tiny_models["bert"]), LABELS), method).train())
-    assert store_frozen_linears_in(models[1], torch.bfloat16) > 0
-    assert all(p.dtype == torch.float32 for p in models[1].parameters() if p.requires_grad)
+    autocast_only, stored, packed = models
+    keys = set(packed.state_dict())
+    cast = store_frozen_linears_in(stored, torch.bfloat16)
+    assert store_frozen_linears_in(packed, torch.bfloat16) == cast > 0
+    assert all(p.dtype == torch.float32 for p in stored.parameters() if p.requires_grad)
+    if packing_available():
+        assert pack_frozen_linears(packed) == cast
+        assert any(isinstance(m, PackedFrozenLinear) for m in packed.modules())
+    assert set(packed.state_dict()) == keys
     losses, grads = [], []
     for model in models:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -106,6 +115,16 @@ def test_frozen_weights_in_bf16_give_what_autocast_gives(tiny_models, kind):
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert torch.equal(losses[0], losses[1])
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    assert torch.allclose(losses[2], losses[0], rtol=1e-3)
+    assert all(torch.allclose(grads[2][n], grads[0][n], rtol=2e-2, atol=1e-4) for n in grads[0])
+
+
+def test_packed_linear_falls_back_outside_cpu_bf16_autocast():
+    layer = nn.Linear(8, 4).requires_grad_(False).to(torch.bfloat16)
+    if not packing_available() or pack_frozen_linears(layer) != 1:
+        pytest.skip("no oneDNN bf16 on this CPU")
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))  # no autocast: nn.Linear's path
 
 
 _FAULTS_PER_REALLOCATION = """
