@@ -5,7 +5,8 @@ layout at every call, in the forward pass and again for the input gradient. An a
 weights never change, so here they are packed once: the weight for the forward pass and its
 transpose for the input gradient. It is the weight prepacking that IPEX and inductor's freezing do
 for inference, kept differentiable in the input; the numbers are those of the same bf16 matmuls
-(tested against autocast). On MiniLM with tweets the frozen layers' matmuls took about 1.4x less.
+(tested against autocast). On MiniLM with tweets these matmuls ran 1.3-1.5x faster alone and a
+LoRA step about 7% faster.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from torch import nn
 
 
 def packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether this torch build has oneDNN's bf16 ops on this CPU (other builds take nn.Linear's path)."""
+    try:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
