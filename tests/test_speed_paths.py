@@ -1,4 +1,5 @@
-"""CPU speed paths that must not change the task: fast dropout masks, frozen weights stored in bf16."""
+"""CPU speed paths that must not change the task: fast dropout masks, frozen weights stored in bf16 and
+packed for oneDNN, freed memory kept for reuse."""
 
 import platform
 import subprocess

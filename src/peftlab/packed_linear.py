@@ -58,7 +58,10 @@ class PackedFrozenLinear(nn.Linear):
 
 
 def pack_frozen_linears(model: nn.Module) -> int:
-    """Pack every frozen bf16 nn.Linear of `model` (see the module's docstring); returns how many."""
+    """Pack every frozen bf16 nn.Linear of `model` on a CPU (see the module's docstring); returns how
+    many (none where this torch build lacks oneDNN's bf16 ops)."""
+    if not packing_available():
+        return 0
     packed = 0
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu" \

@@ -44,7 +44,7 @@ from peftlab.methods import (
 )
 from peftlab.metrics import headline, is_better
 from peftlab.models import load_base
-from peftlab.packed_linear import pack_frozen_linears, packing_available
+from peftlab.packed_linear import pack_frozen_linears
 from peftlab.pipeline import RunData, eval_loader, make_accelerator, prepare_data
 from peftlab.runs import CHECKPOINTS, CONFIG, LABELS, RunDir
 
@@ -258,8 +258,7 @@ def train(config: RunConfig, resume: str | Path | None = None,
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     if autocast_dtype and config.method.kind in CAST_FROZEN_METHODS:
         store_frozen_linears_in(model, autocast_dtype)
-        if autocast_dtype == torch.bfloat16 and accelerator.device.type == "cpu" and packing_available():
-            pack_frozen_linears(model)
+        pack_frozen_linears(model)  # only frozen bf16 layers on a CPU with oneDNN's bf16 ops
     counts = count_parameters(model)
     run = run.create(resuming=checkpoint is not None) if run else None
     _announce(config, data, counts, run, accelerator, fast_dropout)
