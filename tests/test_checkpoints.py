@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +175,42 @@ def test_rewriting_a_step_never_deletes_the_old_checkpoint_in_place(tmp_path, mo
     assert save(2) == first and verify(first) is None
     assert checkpoints_module.read_checkpoint(first).state["progress"]["epoch"] == 2
     assert [p.name for p in root.iterdir()] == ["step-00000005"]
+
+
+def test_a_kill_while_old_checkpoints_are_deleted_leaves_none_broken(tmp_path, monkeypatch):
+    """Keeping the newest checkpoints deletes older ones; a kill halfway through a deletion must not
+    leave a visible step-* directory with files missing (resume would have to skip it)."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    root = tmp_path / "checkpoints"
+
+    def save(step: int) -> Path:
+        return checkpoints_module.save_checkpoint(root, model, optimizer, scheduler,
+                                                  {"progress": {"step": step, "epoch": 1}}, keep=2)
+
+    save(1), save(2)
+    real_rmtree = shutil.rmtree
+
+    class Killed(BaseException):
+        pass
+
+    def killed_halfway(path, ignore_errors=False):
+        files = sorted(Path(path).glob("*")) if Path(path).is_dir() else []
+        if files:
+            files[0].unlink()  # one file gone, then the process dies
+            raise Killed
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(checkpoints_module.shutil, "rmtree", killed_halfway)
+    with pytest.raises(Killed):
+        save(3)
+    monkeypatch.setattr(checkpoints_module.shutil, "rmtree", real_rmtree)
+    visible = sorted(root.glob("step-*"))
+    assert [p.name for p in visible] == ["step-00000002", "step-00000003"]
+    assert all(verify(p) is None for p in visible)
+    save(4)  # the next save clears what the kill left behind
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000003", "step-00000004"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -68,19 +68,33 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, st
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"could not write checkpoint {final} ({exc.strerror or exc}); {kept}") from exc
     for old in _candidates(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+    for leftover in root.glob(".step-*"):  # of writes or removals that a kill interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _aside(path: Path) -> Path:
+    """Rename a checkpoint to a hidden name (not a candidate for resuming) and return that name."""
+    hidden = path.with_name(f".{path.name}.old{os.getpid()}")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(path, hidden)
+    return hidden
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint. Renamed aside first, never deleted in place: a kill during the deletion
+    leaves no visible checkpoint with files missing."""
+    shutil.rmtree(_aside(path), ignore_errors=True)
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
     """Rename `tmp` to `final`. The end-of-epoch checkpoint may rewrite the step just saved: the old one
-    is renamed aside, never deleted in place, so a kill leaves it whole or the step absent."""
+    is renamed aside, so a kill leaves it whole or the step absent."""
     if not final.exists():
         os.replace(tmp, final)
         return
-    old = final.with_name(f".{final.name}.old{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(final, old)
+    old = _aside(final)
     try:
         os.replace(tmp, final)
     except OSError:
