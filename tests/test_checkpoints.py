@@ -31,7 +31,8 @@ def comparable(run: Path) -> list[dict]:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "model" / "adapter_model.safetensors"))
+    adapter = run / "model" / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.exists() else run / "model" / "model.safetensors"))
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -86,6 +87,22 @@ def test_resume_with_gradient_accumulation_is_exact(make_config, monkeypatch):
         train(config)
     monkeypatch.undo()
     assert_same_run(straight, train(config, resume="auto"))
+
+
+def test_full_fine_tuning_resumes_exactly_with_seen_embedding_rows(make_config, monkeypatch):
+    """The checkpoint holds the embedding matrix with the decay of rows no batch trained."""
+    def config(name):
+        return make_config("bert", method={"kind": "full"}, train={"epochs": 2, "checkpoint_every": 4, "lr": 1e-3,
+                           "weight_decay": 0.1, "seen_embedding_rows": True, "log_every_steps": 1},
+                           output={"name": name})
+
+    straight = train(config("straight"))
+    resumed = config("resumed")
+    stop_at(monkeypatch, 6)
+    with pytest.raises(TrainingInterrupted):
+        train(resumed)
+    monkeypatch.undo()
+    assert_same_run(straight, train(resumed, resume="auto"))
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(make_config, monkeypatch, capsys):

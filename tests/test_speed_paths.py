@@ -1,5 +1,5 @@
 """CPU speed paths that must not change the task: fast dropout masks, frozen weights stored in bf16 and
-packed for oneDNN, freed memory kept for reuse."""
+packed for oneDNN, freed memory kept for reuse, clipping folded into the optimizer step."""
 
 import platform
 import subprocess
@@ -9,11 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from peftlab.clipping import gradient_clipper
 from peftlab.config import validate_config
 from peftlab.fast_dropout import ATTENTION, FastDropout, keep_mask, use_fast_dropout
 from peftlab.methods import apply_method, store_frozen_linears_in
 from peftlab.models import load_classifier
 from peftlab.packed_linear import PackedFrozenLinear, pack_frozen_linears, packing_available
+from peftlab.pipeline import make_accelerator
 
 LABELS = {0: "neg", 1: "pos"}
 
@@ -152,3 +154,39 @@ def test_freed_memory_is_reused_without_page_faults():
 
     assert faults("default") > 10_000
     assert faults("keep") < 1_000
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 100.0])  # clips every step; never clips
+def test_clipping_folded_into_fused_adamw_updates_as_accelerate_clipping_does(tiny_models, max_norm):
+    accelerator = make_accelerator(validate_config({"data": {"source": "tweets"}}).train)
+    torch.manual_seed(0)
+    initial = load_classifier(str(tiny_models["bert"]), LABELS).state_dict()
+    trained = []
+    for folded in (False, True):
+        torch.manual_seed(0)
+        model = load_classifier(str(tiny_models["bert"]), LABELS).eval()  # no dropout: the same function
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        params = list(model.parameters())
+        clip = gradient_clipper(accelerator, optimizer, params, max_norm) if folded \
+            else (lambda: accelerator.clip_grad_norm_(params, max_norm))
+        for _ in range(3):
+            model(**_batch(), labels=torch.tensor([0, 1, 0, 1, 1, 0])).loss.backward()
+            clip()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        assert not hasattr(optimizer, "grad_scale")  # handed over for one step only
+        trained.append(model.state_dict())
+    moved = max((trained[0][k] - initial[k]).abs().max().item() for k in initial)
+    assert moved > 1e-3  # it trained
+    # the same updates up to rounding (dividing by norm / max_norm instead of multiplying by its inverse)
+    assert max((trained[1][k] - trained[0][k]).abs().max().item() for k in initial) < 1e-3 * moved
+
+
+def test_clipping_is_not_folded_into_an_optimizer_that_cannot_take_it():
+    accelerator = make_accelerator(validate_config({"data": {"source": "tweets"}}).train)
+    layer = nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, foreach=False)
+    clip = gradient_clipper(accelerator, optimizer, list(layer.parameters()), 0.01)
+    layer(torch.randn(3, 4)).sum().mul(100).backward()
+    clip()
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in layer.parameters()])) <= 0.01 + 1e-6

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from peftlab.embedding_rows import full_weights
+
 MANIFEST = "manifest.json"
 _WEIGHTS, _OPTIMIZER, _RNG, _STATE = "trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"
 
@@ -105,7 +107,8 @@ def _swap_in(tmp: Path, final: Path) -> None:
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters being trained (adapters + head, or everything for full fine-tuning)."""
-    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad} | full_weights(model)
+    return {name: p.detach().cpu().contiguous() for name, p in trained.items()}
 
 
 def _optimizer_tensors(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -209,9 +212,12 @@ def restore_weights(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
     saved = load_file(str(checkpoint.path / _WEIGHTS))
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in saved]
-    if missing:
-        raise CheckpointError(f"{checkpoint.path / _WEIGHTS} lacks {len(missing)} trained parameter(s), e.g. "
-                              f"{missing[0]}: it was written for another method or model")
+    unknown = [name for name in saved if name not in params]
+    if missing or unknown:
+        problem = f"lacks {len(missing)} trained parameter(s), e.g. {missing[0]}" if missing else \
+            f"has {len(unknown)} parameter(s) this model lacks, e.g. {unknown[0]}"
+        raise CheckpointError(f"{checkpoint.path / _WEIGHTS} {problem}: it was written for another method or model, "
+                              "or with another train.seen_embedding_rows")
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)

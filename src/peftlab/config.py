@@ -174,6 +174,10 @@ class TrainConfig(_Strict):
     fast_dropout: bool | Literal["auto"] = "auto"
     """Draw dropout masks with peftlab's faster CPU sampler (same rate, another random stream);
     `auto`: on when training on a CPU."""
+    seen_embedding_rows: bool | Literal["auto"] = "auto"
+    """Full fine-tuning: update only the input-embedding rows of tokens in the training data (the same
+    result: the other rows' gradients are zero), sparing each step the whole vocabulary's gradient and
+    optimizer update; `auto`: on when training on a CPU."""
     seed: int = 42
     eval_every_steps: int | None = Field(None, ge=1)
     """Also evaluate every N optimizer steps (always after each epoch)."""
