@@ -101,6 +101,16 @@ def test_checkpoints_hold_the_up_to_date_matrix(tiny_models):
     assert torch.equal(weight[module.seen_ids], module.seen_rows.detach())
 
 
+def test_a_plain_state_dict_loads_into_the_seen_rows(tiny_models):
+    trained = _model(tiny_models["bert"])
+    train_seen_rows_only(trained, [TRAIN_IDS.numpy()])
+    _train(trained, _batches(TRAIN_IDS, 2), 0.1)
+    fresh = _model(tiny_models["bert"])
+    module = train_seen_rows_only(fresh, [TRAIN_IDS.numpy()])
+    fresh.load_state_dict(trained.state_dict())  # no `seen_rows` key: they come from `weight`
+    assert torch.equal(module.seen_rows.detach(), trained.get_input_embeddings().seen_rows.detach())
+
+
 def test_only_a_trained_untied_embedding_is_replaced(tiny_models):
     lora = validate_config({"data": {"source": "tweets"}, "method": {"kind": "lora", "r": 4}}).method
     frozen = apply_method(load_classifier(str(tiny_models["bert"]), LABELS), lora)
