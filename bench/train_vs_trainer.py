@@ -236,9 +236,15 @@ def main(argv: list[str] | None = None) -> int:
                         row[f"{key}_ratio"] = ours[key] / peer[key] if peer.get(key) else float("nan")
                     results.append(row)
                     print_row(row)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+                    if args.json:  # after every row: a run cut short still leaves what it measured
+                        write_json(args.json, results)
     return 0
+
+
+def write_json(path: Path, results: list[dict]) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    partial.replace(path)
 
 
 def print_row(row: dict) -> None:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peftlab.clipping import gradient_clipper
@@ -190,3 +191,38 @@ def test_clipping_is_not_folded_into_an_optimizer_that_cannot_take_it():
     layer(torch.randn(3, 4)).sum().mul(100).backward()
     clip()
     assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in layer.parameters()])) <= 0.01 + 1e-6
+
+
+def test_planless_attention_leaves_out_cudnn_on_cuda_only():
+    """cuDNN attention builds a plan per new batch shape; under a CUDA device it is switched off for
+    the block and back on after it, and on a CPU nothing changes."""
+    from peftlab.attention_kernels import planless_attention
+
+    cuda = torch.backends.cuda
+    assert cuda.cudnn_sdp_enabled()
+    with planless_attention("cuda"):
+        assert not cuda.cudnn_sdp_enabled()
+        assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled()
+        query = torch.randn(2, 4, 8, 16)
+        expected = torch.softmax(query @ query.transpose(-1, -2) / 4, dim=-1) @ query
+        torch.testing.assert_close(F.scaled_dot_product_attention(query, query, query), expected)
+    assert cuda.cudnn_sdp_enabled()
+    with planless_attention(torch.device("cpu")):
+        assert cuda.cudnn_sdp_enabled()
+
+
+def test_unread_figures_hold_losses_and_tokens_until_read():
+    """The loop's per-step loss and token count stay tensors until it logs, evaluates or
+    checkpoints; then they land in the progress as floats and counts over all processes."""
+    from peftlab.train import Progress, UnreadFigures
+
+    unread, state = UnreadFigures(processes=2), Progress(tokens=5)
+    masks = [torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])]
+    for loss, mask in zip([torch.tensor(0.75, requires_grad=True), torch.tensor(0.5)], masks):
+        unread.add(loss * 1, mask)
+    assert state.window_losses == [] and state.tokens == 5
+    assert unread.read_into(state) is state
+    assert state.window_losses == [0.75, 0.5]
+    assert state.tokens == 5 + (3 + 5) * 2
+    unread.read_into(state)
+    assert state.window_losses == [0.75, 0.5] and state.tokens == 21

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from peftlab.attention_kernels import planless_attention
 from peftlab.metrics import classification_metrics
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -37,7 +38,8 @@ def predict(model: torch.nn.Module, loader, accelerator) -> Predictions:
     model.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []
     for batch in loader:
-        logits = model(**model_inputs(batch)).logits.float()
+        with planless_attention(accelerator.device):
+            logits = model(**model_inputs(batch)).logits.float()
         losses = F.cross_entropy(logits, batch["labels"], reduction="none")
         chunks.append(accelerator.gather_for_metrics((logits, batch["labels"], losses, batch["index"])))
     logits, labels, losses, index = (torch.cat([c[i] for c in chunks]).cpu().numpy() for i in range(4))

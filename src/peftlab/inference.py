@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from peftlab.attention_kernels import planless_attention
+
 
 def padded_inputs(tokenizer, ids: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
     """Token ids padded into one batch: the model's input ids and attention mask on `device`."""
@@ -48,8 +50,9 @@ class Classifier:
         out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            logits = self.model(**padded_inputs(self.tokenizer, [ids[i] for i in rows], self.device)).logits.float()
-            out[rows] = torch.softmax(logits, dim=-1).cpu().numpy()
+            with planless_attention(self.device):
+                logits = self.model(**padded_inputs(self.tokenizer, [ids[i] for i in rows], self.device)).logits
+            out[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return out
 
     def label_rows(self, probabilities: np.ndarray) -> list[dict[str, Any]]:

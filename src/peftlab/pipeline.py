@@ -52,7 +52,7 @@ def eval_loader(data: RunData, cfg: TrainConfig, pad_multiple: int = 1):
 
 
 def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
 
     on_gpu = torch.cuda.is_available()
     precision = cfg.precision
@@ -68,7 +68,8 @@ def make_accelerator(cfg: TrainConfig):
     GradientState._reset_state()
     # cpu=True on a machine without a GPU: under torchrun accelerate then runs data-parallel over gloo.
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision="no" if precision == "fp32" else precision,
-                              gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
+                              gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=on_gpu))
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
         # Checkpoints and the best model are saved from the main process's own (whole) weights, which
         # sharding splits across processes; saving them right needs gathering not written yet.

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from peftlab.attention_kernels import planless_attention
+
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -129,6 +131,10 @@ class ServedModel:
 
     @torch.inference_mode()
     def probabilities(self, ids: list[list[int]], adapters: list[str]) -> list[np.ndarray]:
+        with planless_attention(self.device):
+            return self._probabilities(ids, adapters)
+
+    def _probabilities(self, ids: list[list[int]], adapters: list[str]) -> list[np.ndarray]:
         """Class probabilities for one padded batch; row i through adapter `adapters[i]` (each row's
         array has that adapter's number of labels)."""
         from peftlab.inference import padded_inputs

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from peftlab import environment
+from peftlab.attention_kernels import planless_attention
 from peftlab.checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -111,6 +112,7 @@ def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cf
                dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = gradient_clipper(accelerator, optimizer, params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+    unread = UnreadFigures(accelerator.num_processes)
     first_epoch = state.epoch if state.batches_in_epoch else state.epoch + 1
     for state.epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
@@ -127,9 +129,8 @@ def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cf
                     clip()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            state.window_losses.append(loss.item())
+            unread.add(loss, batch["attention_mask"])
             state.samples += len(batch["labels"]) * accelerator.num_processes
-            state.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -137,17 +138,18 @@ def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cf
             bar.update(1)
             state.train_seconds += time.perf_counter() - started
             if state.step % cfg.log_every_steps == 0:
-                _log_train(state, scheduler, bar, hooks.log)
+                _log_train(unread.read_into(state), scheduler, bar, hooks.log)
             if cfg.eval_every_steps and state.step % cfg.eval_every_steps == 0:
-                _evaluate(model, eval_loader_, accelerator, names, state, cfg, hooks)
+                _evaluate(model, eval_loader_, accelerator, names, unread.read_into(state), cfg, hooks)
                 model.train()
             if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or hooks.stop_requested():
-                hooks.checkpoint(state)
+                hooks.checkpoint(unread.read_into(state))
             started = time.perf_counter()
             if state.step >= total:
                 break
         state.train_seconds += time.perf_counter() - started
         state.batches_in_epoch = 0
+        unread.read_into(state)
         if state.last is None or state.last["step"] != state.step:
             _evaluate(model, eval_loader_, accelerator, names, state, cfg, hooks)
         if state.pruned or (cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience):
@@ -159,6 +161,31 @@ def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cf
             hooks.checkpoint(state)
     bar.close()
     return state
+
+
+class UnreadFigures:
+    """Each step's loss and token count, left where they were computed until the loop logs,
+    evaluates or checkpoints. On a GPU, reading a value waits for all the work queued before it:
+    read at every step, the GPU sat idle while the host fetched the next batch. The one wait kept
+    per step is the finiteness check right after the forward pass, where the host then queues the
+    whole backward pass at once."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self.losses: list[torch.Tensor] = []
+        self.tokens: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.losses.append(loss.detach())
+        self.tokens.append(attention_mask.sum())
+
+    def read_into(self, state: Progress) -> Progress:
+        if self.losses:
+            state.window_losses.extend(torch.stack(self.losses).float().tolist())
+            state.tokens += int(torch.stack(self.tokens).sum()) * self.processes
+            self.losses.clear()
+            self.tokens.clear()
+        return state
 
 
 def _positioned(train_loader, state: Progress, hooks: Hooks):
@@ -261,7 +288,8 @@ def train(config: RunConfig, resume: str | Path | None = None,
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     if autocast_dtype and config.method.kind in CAST_FROZEN_METHODS:
         store_frozen_linears_in(model, autocast_dtype)
-        pack_frozen_linears(model)  # only frozen bf16 layers on a CPU with oneDNN's bf16 ops
+        if accelerator.device.type == "cpu":  # the model is still on the CPU here, wherever it trains
+            pack_frozen_linears(model)  # only frozen bf16 layers on a CPU with oneDNN's bf16 ops
     counts = count_parameters(model)  # before the seen rows: all of the embedding matrix is trained
     seen_rows = train_seen_rows_only(model, data.train.input_ids) if _wants_seen_rows(config.train, accelerator) \
         else None
@@ -314,8 +342,9 @@ def train(config: RunConfig, resume: str | Path | None = None,
                       after_eval=after_eval)
         state = _resume(checkpoint, unwrapped, optimizer, scheduler, accelerator, run, hooks) if checkpoint \
             else Progress()
-        state = fit(model, optimizer, scheduler, train_loader, evaluation_loader, accelerator, cfg, names, hooks,
-                    state, show=config.output.progress)
+        with planless_attention(accelerator.device):
+            state = fit(model, optimizer, scheduler, train_loader, evaluation_loader, accelerator, cfg, names, hooks,
+                        state, show=config.output.progress)
     accelerator.wait_for_everyone()
     if run is None:
         return config.output.dir
