@@ -7,6 +7,7 @@ Tolerance: every evaluation's loss within 1e-4 and accuracy within one example o
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -124,3 +125,46 @@ def test_an_interrupted_two_process_run_resumes(setup):
     assert [r["epoch"] for r in evals] == list(range(1, 26))
     summary = json.loads((root / "runs" / "stopped" / "summary.json").read_text())
     assert summary["steps"] == 25 * 15
+
+
+def test_a_non_finite_loss_in_one_process_is_skipped_by_all(setup):
+    """A batch whose loss is NaN in one process only: every process skips that step together (one
+    alone would skip its gradient all-reduce and leave the others waiting in it), and the run ends
+    with the single process's metrics. The NaN comes from the model: the [UNK] embedding is NaN and
+    one training text holds an unknown word."""
+    import transformers as tf
+
+    root, _, _ = setup
+    model = tf.AutoModel.from_pretrained(root / "bert")
+    unknown = build_tokenizer().unk_token_id
+    with torch.no_grad():
+        model.get_input_embeddings().weight[unknown] = float("nan")
+    model.save_pretrained(root / "bert-nan")
+    build_tokenizer().save_pretrained(root / "bert-nan")
+    rows = toy_rows(240, seed=1)
+    rows.loc[17, "text"] = "unheardofword " + rows.loc[17, "text"]
+    rows.to_csv(root / "train-nan.csv", index=False)
+    results = {}
+    for name, batch_size, devices in (("nan-one", 16, []), ("nan-two", 8, ["--devices", "2"])):
+        config = yaml.safe_load((root / "one.yaml").read_text())
+        config["model"]["name"] = str(root / "bert-nan")
+        config["data"]["train_file"] = str(root / "train-nan.csv")
+        config["train"] |= {"epochs": 2, "batch_size": batch_size, "skip_nonfinite_steps": 2}
+        config["output"] |= {"name": name, "cache_dir": str(root / "cache-nan")}
+        path = root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        # its own process group: were the processes to hang, all of them are killed, not only torchrun
+        process = subprocess.Popen([sys.executable, "-m", "peftlab", "train", str(path), *devices],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            output = process.communicate(timeout=240)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"{name}: still running after 240 s: {process.communicate()[0][-3000:]}")
+        assert process.returncode == 0, output[-3000:]
+        results[name] = load_run(root / "runs" / name)
+    single, double = results["nan-one"], results["nan-two"]
+    assert single.summary["skipped_steps"] == double.summary["skipped_steps"] == 2  # once per epoch
+    assert single.summary["steps"] == double.summary["steps"] == 2 * 15 - 2
+    last = [[r for r in read_metrics(run.path) if r["type"] == "eval"][-1] for run in (single, double)]
+    assert abs(last[0]["eval_loss"] - last[1]["eval_loss"]) < 1e-4

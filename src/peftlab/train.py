@@ -122,7 +122,7 @@ def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cf
             with accelerator.accumulate(model):
                 loss = model(**model_inputs(batch), labels=batch["labels"]).loss
                 state.batches_in_epoch += 1
-                if not _finite_or_skipped(loss, state, cfg, optimizer):
+                if not _finite_or_skipped(loss, state, cfg, optimizer, accelerator):
                     continue
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and clip:
@@ -203,18 +203,26 @@ def _positioned(train_loader, state: Progress, hooks: Hooks):
     return batches
 
 
-def _finite_or_skipped(loss: torch.Tensor, state: Progress, cfg: TrainConfig, optimizer) -> bool:
-    """True for a finite loss. A non-finite one is skipped (no update) while `skip_nonfinite_steps`
-    allows, else the run stops before the optimizer step."""
-    if torch.isfinite(loss.detach()).all():
+def _finite_or_skipped(loss: torch.Tensor, state: Progress, cfg: TrainConfig, optimizer, accelerator) -> bool:
+    """True when the loss is finite in every process. A non-finite one is skipped (no update) while
+    `skip_nonfinite_steps` allows, else the run stops before the optimizer step. Processes decide
+    together: one that skipped its backward pass alone would leave the others waiting in its
+    gradient all-reduce."""
+    finite = torch.isfinite(loss.detach()).all()
+    if accelerator.num_processes > 1:
+        finite = finite.to(torch.int32).reshape(1)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if finite.item():
         return True
+    own = loss.item()
+    what = f"the loss became {own}" if not math.isfinite(own) else "the loss became non-finite in another process"
     if state.skipped_steps < cfg.skip_nonfinite_steps:
         state.skipped_steps += 1
         optimizer.zero_grad(set_to_none=True)
-        tqdm_write(f"warning: loss {loss.item()} at step {state.step + 1}; step skipped "
-                   f"({state.skipped_steps} of at most {cfg.skip_nonfinite_steps})")
+        tqdm_write(f"warning: {what} at step {state.step + 1}; step skipped "
+                   f"({state.skipped_steps} of at most {cfg.skip_nonfinite_steps})", accelerator)
         return False
-    raise NonFiniteLossError(f"the loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch}); "
+    raise NonFiniteLossError(f"{what} at step {state.step + 1} (epoch {state.epoch}); "
                              "training stopped before that optimizer step; lower train.lr, check the data, or "
                              "allow a few skipped steps with train.skip_nonfinite_steps")
 
