@@ -55,9 +55,16 @@ def setup(tmp_path_factory):
     return root, config_file("one", 16), config_file("two", 8)
 
 
-def peftlab(*args, check=True):
+FSDP_LAUNCH = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+               "--fsdp_transformer_layer_cls_to_wrap", "BertLayer"]
+# What that `accelerate launch` sets for its processes, for runs started with `--devices 2` (torchrun).
+FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+        "FSDP_TRANSFORMER_CLS_TO_WRAP": "BertLayer", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
+
+
+def peftlab(*args, check=True, env=None):
     result = subprocess.run([sys.executable, "-m", "peftlab", *map(str, args)], capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, env=os.environ | (env or {}))
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -88,6 +95,38 @@ def test_two_processes_give_the_metrics_of_one_with_the_same_global_batch(setup)
                        Classifier.from_run(single.path).probabilities(texts), atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_sharded_processes_give_the_metrics_of_one(setup, method):
+    """`accelerate launch --use_fsdp --fsdp_version 2` with 2 CPU processes: weights, gradients and
+    optimizer state sharded, the same metrics as one process with the same global batch, and a
+    saved model (gathered whole from the shards) that predicts as the single process's does."""
+    root, one, two = setup
+    overrides = ["method={kind: full}", "train.lr=1e-3"] if method == "full" else []
+    overrides.append("train.epochs=3")
+    peftlab("train", one, f"output.name=fsdp-one-{method}", *overrides)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", *FSDP_LAUNCH,
+              "-m", "peftlab", "train", str(two), f"output.name=fsdp-two-{method}", *overrides]
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "sharded over 2 processes (FSDP2)" in result.stdout
+    single, sharded = load_run(root / "runs" / f"fsdp-one-{method}"), load_run(root / "runs" / f"fsdp-two-{method}")
+    evals = [[r for r in read_metrics(run.path) if r["type"] == "eval"] for run in (single, sharded)]
+    assert len(evals[1]) == 3
+    for a, b in zip(*evals):
+        assert abs(a["eval_loss"] - b["eval_loss"]) < 1e-4
+        assert abs(a["accuracy"] - b["accuracy"]) <= 1 / 80 + 1e-9
+    texts = pd.read_csv(root / "eval.csv")["text"].tolist()
+    assert np.allclose(Classifier.from_run(sharded.path).probabilities(texts),
+                       Classifier.from_run(single.path).probabilities(texts), atol=1e-4)
+
+
+def test_fsdp_version_1_is_refused_with_the_fix(setup):
+    _, _, two = setup
+    result = peftlab("train", two, "--devices", "2", "output.name=fsdp1", env=FSDP | {"FSDP_VERSION": "1"},
+                     check=False)
+    assert result.returncode != 0 and "launch with --fsdp_version 2" in result.stderr + result.stdout
+
+
 def test_devices_validates_the_config_before_starting_processes(setup):
     root, one, _ = setup
     result = peftlab("train", one, "train.batch_size=0", "--devices", "2", check=False)
@@ -96,19 +135,23 @@ def test_devices_validates_the_config_before_starting_processes(setup):
 
 
 @pytest.mark.slow
-def test_an_interrupted_two_process_run_resumes(setup):
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_an_interrupted_two_process_run_resumes(setup, layout):
     """SIGTERM to the job's process group, as a scheduler sends it, reaches torchrun and both processes;
     they agree on the step to stop at, the main process checkpoints, and `resume=auto` with 2 processes
-    finishes the run. (Sent to torchrun alone, it can arrive after a run this small has finished.)"""
-    import signal
+    finishes the run. (Sent to torchrun alone, it can arrive after a run this small has finished.)
+    Sharded (FSDP2), the checkpoint holds the weights and optimizer state gathered whole and the
+    resumed run ends where an uninterrupted one does."""
     import time
 
     root, _, two = setup
-    args = [sys.executable, "-m", "peftlab", "train", str(two), "--devices", "2", "output.name=stopped",
+    env = FSDP if layout == "fsdp" else {}
+    name = f"output.name=stopped-{layout}"
+    args = [sys.executable, "-m", "peftlab", "train", str(two), "--devices", "2", name,
             "train.epochs=25", "train.checkpoint_every=3"]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    checkpoints = root / "runs" / "stopped.incomplete" / "checkpoints"
+                               start_new_session=True, env=os.environ | env)
+    checkpoints = root / "runs" / f"stopped-{layout}.incomplete" / "checkpoints"
     deadline = time.monotonic() + 120
     while not (checkpoints.exists() and any(checkpoints.glob("step-*"))):
         assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
@@ -117,13 +160,17 @@ def test_an_interrupted_two_process_run_resumes(setup):
     output = process.communicate(timeout=120)[0]
     # Each process finishes its step, they agree to stop, the main one checkpoints and says how to go
     # on; whichever way it stopped, the run must not look finished and must resume to the end.
-    assert process.returncode != 0 and not (root / "runs" / "stopped").exists(), output[-3000:]
-    result = peftlab("train", two, "--devices", "2", "output.name=stopped", "train.epochs=25",
-                     "train.checkpoint_every=3", "resume=auto")
+    assert process.returncode != 0 and not (root / "runs" / f"stopped-{layout}").exists(), output[-3000:]
+    result = peftlab("train", two, "--devices", "2", name, "train.epochs=25", "train.checkpoint_every=3",
+                     "resume=auto", env=env)
     assert "resumed at step" in result.stdout
-    evals = [r for r in read_metrics(root / "runs" / "stopped") if r["type"] == "eval"]
+    evals = [r for r in read_metrics(root / "runs" / f"stopped-{layout}") if r["type"] == "eval"]
     assert [r["epoch"] for r in evals] == list(range(1, 26))
-    summary = json.loads((root / "runs" / "stopped" / "summary.json").read_text())
+    if layout == "fsdp":
+        peftlab("train", two, "--devices", "2", "output.name=straight-fsdp", "train.epochs=25", env=env)
+        straight = [r for r in read_metrics(root / "runs" / "straight-fsdp") if r["type"] == "eval"]
+        assert abs(straight[-1]["eval_loss"] - evals[-1]["eval_loss"]) < 1e-5
+    summary = json.loads((root / "runs" / f"stopped-{layout}" / "summary.json").read_text())
     assert summary["steps"] == 25 * 15
 
 

@@ -41,16 +41,18 @@ class Checkpoint:
 
 
 def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, state: dict[str, Any],
-                    keep: int) -> Path:
-    """Write `root/step-NNNNNNNN/`; a crash at any moment leaves it complete or absent."""
+                    keep: int, sharded: tuple[dict, dict] | None = None) -> Path:
+    """Write `root/step-NNNNNNNN/`; a crash at any moment leaves it complete or absent. `sharded`:
+    the trained weights and the optimizer state gathered whole, where the model holds shards (FSDP)."""
     step = int(state["progress"]["step"])
     final = root / f"step-{step:08d}"
     tmp = root / f".{final.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        tensors, optimizer_meta = _optimizer_tensors(optimizer.state_dict())
-        save_file(trainable_state(model), tmp / _WEIGHTS)
+        weights, optimizer_state = sharded or (trainable_state(model), optimizer.state_dict())
+        tensors, optimizer_meta = _optimizer_tensors(optimizer_state)
+        save_file({name: t.contiguous() for name, t in weights.items()}, tmp / _WEIGHTS)
         save_file(tensors, tmp / _OPTIMIZER)
         save_file(_torch_rng(), tmp / _RNG)
         full_state = {**state, "scheduler": scheduler.state_dict(), "optimizer": optimizer_meta,
@@ -208,7 +210,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, json.loads((path / _STATE).read_text(encoding="utf-8")))
 
 
-def restore_weights(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
+def restore_weights(checkpoint: Checkpoint, model: torch.nn.Module, sharded: bool = False) -> None:
+    """The checkpoint's trained weights into the model (into each process's shards under FSDP)."""
     saved = load_file(str(checkpoint.path / _WEIGHTS))
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in saved]
@@ -218,12 +221,18 @@ def restore_weights(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
             f"has {len(unknown)} parameter(s) this model lacks, e.g. {unknown[0]}"
         raise CheckpointError(f"{checkpoint.path / _WEIGHTS} {problem}: it was written for another method or model, "
                               "or with another train.seen_embedding_rows")
+    if sharded:
+        from peftlab.sharding import load_whole_weights
+
+        load_whole_weights(model, saved)
+        return
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)
 
 
-def restore_optimizer(checkpoint: Checkpoint, optimizer, scheduler) -> None:
+def restore_optimizer(checkpoint: Checkpoint, optimizer, scheduler, model: torch.nn.Module | None = None) -> None:
+    """Optimizer and scheduler state; `model` where it is sharded (FSDP), to place each process's part."""
     tensors = load_file(str(checkpoint.path / _OPTIMIZER))
     meta = checkpoint.state["optimizer"]
     state: dict[int, dict[str, Any]] = {}
@@ -232,7 +241,13 @@ def restore_optimizer(checkpoint: Checkpoint, optimizer, scheduler) -> None:
         state.setdefault(int(index), {})[name] = tensor
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    whole = {"state": state, "param_groups": meta["param_groups"]}
+    if model is not None:
+        from peftlab.sharding import load_whole_optimizer
+
+        load_whole_optimizer(model, optimizer, whole)
+    else:
+        optimizer.load_state_dict(whole)
     scheduler.load_state_dict(checkpoint.state["scheduler"])
 
 

@@ -224,18 +224,21 @@ def parameter_groups(model: nn.Module, method, lr: float, weight_decay: float) -
 # --------------------------------------------------------------------------- save / load
 
 
-def save_trained(model: nn.Module, method, directory: Path) -> None:
-    """HF layouts: adapter_config.json + adapter_model.safetensors, or a full safetensors model."""
+def save_trained(model: nn.Module, method, directory: Path, trained: dict[str, torch.Tensor] | None = None) -> None:
+    """HF layouts: adapter_config.json + adapter_model.safetensors, or a full safetensors model.
+    `trained`: the trained parameters gathered whole, where the model's own are shards (FSDP)."""
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(method, HeadMethod):
         from safetensors.torch import save_file
 
         state = {k: v.detach().contiguous() for name in head_modules(model)
                  for k, v in getattr(model, name).state_dict(prefix=f"{name}.").items()}
+        if trained is not None:
+            state = {k: v.contiguous() for k, v in trained.items() if k.split(".")[0] in head_modules(model)}
         save_file(state, str(directory / HEAD_WEIGHTS))
         model.config.save_pretrained(directory)
         return
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, **({"state_dict": trained} if trained else {}))
 
 
 def load_trained(directory: Path, method, base_factory: Callable[[], nn.Module]) -> nn.Module:

@@ -12,6 +12,7 @@ import torch
 from peftlab.config import RunConfig, TrainConfig, apply_overrides, parse_overrides, validate_config
 from peftlab.data import Encoded, Splits, encode, make_loader, prepare_splits
 from peftlab.models import load_base, load_tokenizer
+from peftlab.sharding import is_sharded, load_in_every_process, shard_on_cpu, sharding_requested
 
 
 class TrainingSetupError(ValueError):
@@ -66,15 +67,20 @@ def make_accelerator(cfg: TrainConfig):
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    if sharding_requested():
+        load_in_every_process()
     # cpu=True on a machine without a GPU: under torchrun accelerate then runs data-parallel over gloo.
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision="no" if precision == "fp32" else precision,
                               gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False,
                               dataloader_config=DataLoaderConfiguration(non_blocking=on_gpu))
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        # Checkpoints and the best model are saved from the main process's own (whole) weights, which
-        # sharding splits across processes; saving them right needs gathering not written yet.
-        raise TrainingSetupError(f"{accelerator.distributed_type.name} sharding is not supported yet "
-                                 "(docs/scaling.md); launch data-parallel: peftlab train --devices N")
+    if accelerator.distributed_type.name == "MULTI_CPU" and sharding_requested():
+        shard_on_cpu(accelerator)
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        raise TrainingSetupError("DeepSpeed is not supported; shard with FSDP2 (docs/scaling.md): "
+                                 "accelerate launch --use_fsdp --fsdp_version 2 ...")
+    if is_sharded(accelerator) and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise TrainingSetupError("peftlab shards with FSDP2: launch with --fsdp_version 2 "
+                                 "(or fsdp_version: 2 in the accelerate config)")
     return accelerator
 
 

@@ -48,8 +48,9 @@ from peftlab.methods import (
 from peftlab.metrics import headline, is_better
 from peftlab.models import load_base
 from peftlab.packed_linear import pack_frozen_linears
-from peftlab.pipeline import RunData, eval_loader, make_accelerator, prepare_data
+from peftlab.pipeline import RunData, TrainingSetupError, eval_loader, make_accelerator, prepare_data
 from peftlab.runs import CHECKPOINTS, CONFIG, LABELS, RunDir
+from peftlab.sharding import gathered_optimizer, gathered_trainable, is_sharded
 
 # What may change between the first start of a run and its resumption.
 RESUMABLE_CHANGES = NOT_EXPERIMENT_KEYS | {"train.checkpoint_every", "train.checkpoint_each_epoch",
@@ -294,7 +295,8 @@ def train(config: RunConfig, resume: str | Path | None = None,
     if fast_dropout:
         use_fast_dropout(model)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    if autocast_dtype and config.method.kind in CAST_FROZEN_METHODS:
+    sharded = is_sharded(accelerator)
+    if autocast_dtype and config.method.kind in CAST_FROZEN_METHODS and not sharded:  # FSDP2 shards one dtype
         store_frozen_linears_in(model, autocast_dtype)
         if accelerator.device.type == "cpu":  # the model is still on the CPU here, wherever it trains
             pack_frozen_linears(model)  # only frozen bf16 layers on a CPU with oneDNN's bf16 ops
@@ -325,20 +327,25 @@ def train(config: RunConfig, resume: str | Path | None = None,
     unwrapped = accelerator.unwrap_model(model)
 
     def keep_best() -> None:
-        if run and config.output.save_model:
-            _refuse_non_finite(unwrapped)
-            run.save_model(lambda d: (save_trained(unwrapped, config.method, d), data.tokenizer.save_pretrained(d)))
+        if not config.output.save_model:
+            return
+        trained = gathered_trainable(model) if sharded else None  # every process takes part
+        if run:
+            _refuse_non_finite(trained if sharded else _trained_parameters(unwrapped))
+            run.save_model(lambda d: (save_trained(unwrapped, config.method, d, trained),
+                                      data.tokenizer.save_pretrained(d)))
 
     def checkpoint_and_maybe_stop(progress: Progress) -> None:
         """Checkpoint; then, if a signal asked for it, stop with a message saying how to resume."""
         saved = None
+        whole = (gathered_trainable(model), gathered_optimizer(model, optimizer)) if sharded else None
         if run:
-            _refuse_non_finite(unwrapped)
+            _refuse_non_finite(whole[0] if whole else _trained_parameters(unwrapped))
             saved = save_checkpoint(run.work / CHECKPOINTS, unwrapped, optimizer, scheduler,
                                     {"progress": asdict(progress), "metrics_lines": run.log_lines(),
                                      "accumulation_step": accelerator.step,
                                      "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None},
-                                    keep=cfg.keep_checkpoints)
+                                    keep=cfg.keep_checkpoints, sharded=whole)
         if stop.agreed(accelerator):  # every process checkpoints here, so every process asks
             raise TrainingInterrupted(stop.reason, f"stopped by {stop.reason} after step {progress.step}; "
                                       f"checkpoint {saved}; run the same command with resume=auto to go on")
@@ -440,8 +447,9 @@ def _shared_checkpoint(checkpoint: Checkpoint | None, accelerator) -> Checkpoint
 
 def _resume(checkpoint: Checkpoint, model, optimizer, scheduler, accelerator, run: RunDir | None,
             hooks: Hooks) -> Progress:
-    restore_weights(checkpoint, model)
-    restore_optimizer(checkpoint, optimizer, scheduler)
+    sharded = is_sharded(accelerator)
+    restore_weights(checkpoint, model, sharded)
+    restore_optimizer(checkpoint, optimizer, scheduler, model if sharded else None)
     accelerator.step = checkpoint.state["accumulation_step"]
     if accelerator.scaler and checkpoint.state.get("grad_scaler"):  # fp16 on a GPU
         accelerator.scaler.load_state_dict(checkpoint.state["grad_scaler"])
@@ -454,9 +462,13 @@ def _resume(checkpoint: Checkpoint, model, optimizer, scheduler, accelerator, ru
     return state
 
 
-def _refuse_non_finite(model: torch.nn.Module) -> None:
-    for name, param in model.named_parameters():
-        if param.requires_grad and not torch.isfinite(param).all():
+def _trained_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+def _refuse_non_finite(weights: dict[str, torch.Tensor]) -> None:
+    for name, tensor in weights.items():
+        if not torch.isfinite(tensor).all():
             raise NonFiniteLossError(f"parameter {name} became non-finite; nothing was saved from this step on")
 
 
@@ -484,6 +496,8 @@ def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None
     cfg = config.train
     print(f"batch: {cfg.batch_size} per process x {accelerator.num_processes} process(es) x {cfg.grad_accum} "
           f"accumulation step(s) = {_effective_batch(cfg, accelerator)} examples per optimizer step")
+    if is_sharded(accelerator):
+        print(f"weights, gradients and optimizer state sharded over {accelerator.num_processes} processes (FSDP2)")
     if run:
         print(f"writing to {run.work} (renamed to {run.final} when finished)")
 
@@ -513,6 +527,11 @@ def _wants_fast_dropout(cfg: TrainConfig, accelerator) -> bool:
 
 
 def _wants_seen_rows(cfg: TrainConfig, accelerator) -> bool:
+    if is_sharded(accelerator):  # the trained rows are a parameter of their own, outside FSDP's shards
+        if cfg.seen_embedding_rows is True:
+            raise TrainingSetupError("train.seen_embedding_rows=true does not work with FSDP sharding; "
+                                     "leave it at auto")
+        return False
     return cfg.seen_embedding_rows is True or (cfg.seen_embedding_rows == "auto" and accelerator.device.type == "cpu")
 
 
