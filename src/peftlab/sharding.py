@@ -1,9 +1,9 @@
 """Weights and optimizer state of a model sharded with FSDP2, gathered whole and loaded back.
 
 Under FSDP each process holds a shard of every parameter and of its optimizer state. peftlab's
-checkpoints and saved models hold whole tensors, in the same files as without sharding (so either
-loads the other's): every process takes part in the gather, the main one receives the tensors and
-writes them. torch's distributed state-dict helpers do the gathering and the re-sharding.
+checkpoints and saved models hold whole tensors, in the same files and layout as without sharding:
+every process takes part in the gather, the main one receives the tensors and writes them. torch's
+distributed state-dict helpers do the gathering and the re-sharding.
 """
 
 from __future__ import annotations
