@@ -178,6 +178,10 @@ class TrainConfig(_Strict):
     """Full fine-tuning: update only the input-embedding rows of tokens in the training data (the same
     result: the other rows' gradients are zero), sparing each step the whole vocabulary's gradient and
     optimizer update; `auto`: on when training on a CPU."""
+    cuda_graphs: bool | Literal["auto"] = "auto"
+    """Replay each step's forward and backward passes from CUDA graphs, recorded once per batch
+    shape (batches padded to lengths in steps of 64 tokens); `auto`: on for one process on a CUDA GPU
+    in bf16 or fp32."""
     seed: int = 42
     eval_every_steps: int | None = Field(None, ge=1)
     """Also evaluate every N optimizer steps (always after each epoch)."""

@@ -432,15 +432,17 @@ class EncodedDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Pads a batch to its longest text (optionally to a multiple, for GPU tensor cores)."""
+    """Pads a batch to its longest text, optionally rounded up to a multiple (for GPU tensor cores,
+    or to few shapes for CUDA graphs) but not past `max_width`."""
 
-    def __init__(self, encoded: Encoded, pad_id: int, pad_to_multiple_of: int = 1):
-        self.encoded, self.pad_id, self.multiple = encoded, pad_id, pad_to_multiple_of
+    def __init__(self, encoded: Encoded, pad_id: int, pad_to_multiple_of: int = 1, max_width: int | None = None):
+        self.encoded, self.pad_id, self.multiple, self.max_width = encoded, pad_id, pad_to_multiple_of, max_width
 
     def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         seqs = [self.encoded.input_ids[i] for i in indices]
         width = max(len(s) for s in seqs)
-        width = -(-width // self.multiple) * self.multiple
+        rounded = -(-width // self.multiple) * self.multiple
+        width = max(width, min(rounded, self.max_width)) if self.max_width else rounded
         ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
         for row, seq in enumerate(seqs):
@@ -469,10 +471,10 @@ def set_sampler_epoch(loader, epoch: int) -> None:
 
 
 def make_loader(encoded: Encoded, batch_size: int, shuffle: bool, group_by_length: bool, seed: int,
-                pad_id: int, pad_to_multiple_of: int = 1) -> torch.utils.data.DataLoader:
+                pad_id: int, pad_to_multiple_of: int = 1, max_width: int | None = None) -> torch.utils.data.DataLoader:
     sampler = LengthGroupedBatches(encoded.lengths, batch_size, shuffle, group_by_length, seed)
     # Pinned batches go to a GPU without the host waiting for the copy (accelerate sends them with
     # non_blocking, see make_accelerator), so it can prepare the next step meanwhile.
     return torch.utils.data.DataLoader(EncodedDataset(encoded), batch_sampler=sampler,
-                                       collate_fn=Collator(encoded, pad_id, pad_to_multiple_of),
+                                       collate_fn=Collator(encoded, pad_id, pad_to_multiple_of, max_width),
                                        pin_memory=torch.cuda.is_available())

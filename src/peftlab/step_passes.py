@@ -1,0 +1,120 @@
+"""A training step's forward and backward passes: run op by op, or replayed from CUDA graphs.
+
+On a GPU a step of a base-size encoder launches about 540 kernels, and the host takes longer to
+launch them through Python than the GPU takes to run them: the H200 sat idle half of each LoRA
+step (bench/RESULTS.md). A CUDA graph records the kernels of both passes once per batch shape and
+replays them with one launch. Shapes must repeat for that, so with graphs the batches are padded
+to lengths in steps of GRAPH_LENGTH_STEP tokens (masked padding: the same loss up to rounding).
+A shape beyond the first MAX_GRAPHS runs op by op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from peftlab.evaluation import model_inputs
+
+GRAPH_LENGTH_STEP = 64  # about 30 more pad tokens per text; 8 shapes up to 512 tokens
+MAX_GRAPHS = 16  # each holds its inputs; they share one pool of activation memory
+
+
+class EagerPasses:
+    """Forward, then (if the loss is finite) backward, each launched op by op."""
+
+    def __init__(self, model, optimizer, accelerator) -> None:
+        self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**model_inputs(batch), labels=batch["labels"]).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+@dataclass
+class _Recorded:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]  # the graph reads its batch from these
+    loss: torch.Tensor  # and writes its loss here
+
+
+class GraphedPasses(EagerPasses):
+    """Both passes replayed from a CUDA graph recorded for the batch's shape. `forward` runs the
+    backward pass too (the gradients are then in place; a non-finite loss zeroes them); the
+    gradient tensors stay allocated between steps, because the graphs add into them."""
+
+    def __init__(self, model, optimizer, accelerator, params: list[torch.Tensor]) -> None:
+        super().__init__(model, optimizer, accelerator)
+        self.params = params
+        self.recorded: dict[tuple, _Recorded] = {}
+        self.pool = None
+        self.eager_loss: torch.Tensor | None = None
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = model_inputs(batch) | {"labels": batch["labels"]}
+        key = tuple((name, tuple(tensor.shape)) for name, tensor in inputs.items())
+        recorded = self.recorded.get(key)
+        if recorded is None and len(self.recorded) < MAX_GRAPHS:
+            recorded = self.recorded[key] = self._record(inputs, warmups=2 if not self.recorded else 1)
+        if recorded is None:
+            self.eager_loss = super().forward(batch)
+            return self.eager_loss
+        self.eager_loss = None
+        for name, tensor in inputs.items():
+            recorded.inputs[name].copy_(tensor, non_blocking=True)
+        recorded.graph.replay()
+        return recorded.loss.clone()  # the next replay overwrites it
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.eager_loss is not None:  # graphs ran theirs already
+            super().backward(self.eager_loss)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=False)
+
+    def _passes(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = self.model(**inputs).loss
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+    def _record(self, batch: dict[str, torch.Tensor], warmups: int) -> _Recorded:
+        """Warm up on a side stream (lazy initialisations cannot be recorded), then record. The
+        warm-up passes add to the gradients, which are put back as they were (mid-accumulation)."""
+        inputs = {name: tensor.clone() for name, tensor in batch.items()}
+        grads = [param.grad.clone() for param in self.params]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                self._passes(inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the loader's pinning may allocate host memory from another thread meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            loss = self._passes(inputs)
+        self.pool = self.pool or graph.pool()
+        for param, grad in zip(self.params, grads):
+            param.grad.copy_(grad)
+        return _Recorded(graph, inputs, loss)
+
+
+def wants_cuda_graphs(setting: bool | str, accelerator, sharded: bool) -> bool:
+    """`train.cuda_graphs`: auto is on for one process on a CUDA GPU in bf16 or fp32. fp16's loss
+    scaler, data-parallel gradient hooks and FSDP's sharding run outside a recorded graph."""
+    from peftlab.pipeline import TrainingSetupError
+
+    why_not = ("it needs a CUDA GPU" if accelerator.device.type != "cuda"
+               else "it runs in one process only" if accelerator.num_processes > 1 or sharded
+               else "it does not combine with fp16's loss scaling; use bf16" if accelerator.mixed_precision == "fp16"
+               else None)
+    if setting is True and why_not:
+        raise TrainingSetupError(f"train.cuda_graphs=true: {why_not}; leave it at auto")
+    return setting is True or (setting == "auto" and why_not is None)

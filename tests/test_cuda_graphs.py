@@ -1,0 +1,100 @@
+"""Training steps replayed from CUDA graphs: the same training as op by op, on a GPU only."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from peftlab.data import Collator, Encoded
+from peftlab.pipeline import TrainingSetupError
+from peftlab.runs import load_run
+from peftlab.train import train
+from test_train import LEARNABLE
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+def test_asking_for_cuda_graphs_without_a_gpu_fails_before_any_work(make_config, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = make_config(train={"cuda_graphs": True})
+    with pytest.raises(TrainingSetupError, match="train.cuda_graphs=true: it needs a CUDA GPU"):
+        train(config)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_padding_rounds_lengths_up_to_few_shapes_but_not_past_the_maximum():
+    lengths = [3, 70, 130]
+    encoded = Encoded(input_ids=[np.arange(1, n + 1) for n in lengths], token_type_ids=None,
+                      labels=np.zeros(3, dtype=np.int64), truncated=0)
+    collate = Collator(encoded, pad_id=0, pad_to_multiple_of=64, max_width=140)
+    assert [collate([i])["input_ids"].shape[1] for i in range(3)] == [64, 128, 140]
+    batch = collate([0, 1])
+    assert batch["input_ids"].shape == (2, 128) and batch["attention_mask"].sum().item() == 73
+    assert Collator(encoded, pad_id=0, pad_to_multiple_of=8)([1])["input_ids"].shape[1] == 72
+
+
+def _dropout_free_model(tiny_models, arch, root):
+    """The tiny model without dropout: graphs draw their warm-up passes' masks from the same
+    generator, so only a dropout-free model trains to the same numbers both ways."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(tiny_models[arch])
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
+                "seq_classif_dropout"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    model = AutoModel.from_pretrained(tiny_models[arch], config=config)
+    model.save_pretrained(root)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_models[arch]).save_pretrained(root)
+    return root
+
+
+def _evals(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["type"] == "eval"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch,method,grad_accum", [("bert", "lora", 1), ("distilbert", "full", 1),
+                                                    ("roberta", "lora", 2)])
+def test_graphed_steps_train_as_eager_steps_do(make_config, tiny_models, tmp_path, monkeypatch, arch, method,
+                                               grad_accum):
+    import peftlab.train as train_module
+
+    # Both runs pad every batch to max_length, so that they compute on the same shapes.
+    real_make_loader = train_module.make_loader
+    monkeypatch.setattr(train_module, "make_loader",
+                        lambda *args, **kwargs: real_make_loader(*args, **{**kwargs, "pad_to_multiple_of": 64}))
+    model = _dropout_free_model(tiny_models, arch, tmp_path / "model")
+    kind, lr = LEARNABLE[method]
+    runs = {}
+    for graphs in (False, True):
+        config = make_config(arch, model={"name": str(model), "max_length": 32}, method=kind,
+                             train={"cuda_graphs": graphs, "precision": "fp32", "grad_accum": grad_accum,
+                                    "epochs": 10, "lr": lr, "warmup_ratio": 0.1},
+                             output={"name": f"graphs-{graphs}"})
+        runs[graphs] = train(config)
+    assert load_run(runs[True]).summary["cuda_graphs"] is True
+    assert load_run(runs[False]).summary["cuda_graphs"] is False
+    eager, graphed = _evals(runs[False]), _evals(runs[True])
+    assert len(eager) == len(graphed) == 10
+    for a, b in zip(eager, graphed):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-4)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
+    assert graphed[-1]["accuracy"] >= 0.7  # it learned, so the comparison means something
+
+
+@needs_cuda
+def test_graphed_bf16_run_learns_the_toy_task(make_config):
+    kind, lr = LEARNABLE["lora"]
+    run = train(make_config("bert", method=kind, train={"precision": "bf16", "epochs": 10, "lr": lr,
+                                                        "warmup_ratio": 0.1}))
+    summary = load_run(run).summary
+    assert summary["cuda_graphs"] is True
+    assert summary["best"]["accuracy"] >= 0.7
