@@ -144,11 +144,12 @@ def test_an_interrupted_two_process_run_resumes(setup, layout):
     resumed run ends where an uninterrupted one does."""
     import time
 
+    epochs = 12  # 180 steps: the stop comes within the first few dozen
     root, _, two = setup
     env = FSDP if layout == "fsdp" else {}
     name = f"output.name=stopped-{layout}"
     args = [sys.executable, "-m", "peftlab", "train", str(two), "--devices", "2", name,
-            "train.epochs=25", "train.checkpoint_every=3"]
+            f"train.epochs={epochs}", "train.checkpoint_every=3"]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True, env=os.environ | env)
     checkpoints = root / "runs" / f"stopped-{layout}.incomplete" / "checkpoints"
@@ -161,17 +162,17 @@ def test_an_interrupted_two_process_run_resumes(setup, layout):
     # Each process finishes its step, they agree to stop, the main one checkpoints and says how to go
     # on; whichever way it stopped, the run must not look finished and must resume to the end.
     assert process.returncode != 0 and not (root / "runs" / f"stopped-{layout}").exists(), output[-3000:]
-    result = peftlab("train", two, "--devices", "2", name, "train.epochs=25", "train.checkpoint_every=3",
+    result = peftlab("train", two, "--devices", "2", name, f"train.epochs={epochs}", "train.checkpoint_every=3",
                      "resume=auto", env=env)
     assert "resumed at step" in result.stdout
     evals = [r for r in read_metrics(root / "runs" / f"stopped-{layout}") if r["type"] == "eval"]
-    assert [r["epoch"] for r in evals] == list(range(1, 26))
+    assert [r["epoch"] for r in evals] == list(range(1, epochs + 1))
     if layout == "fsdp":
-        peftlab("train", two, "--devices", "2", "output.name=straight-fsdp", "train.epochs=25", env=env)
+        peftlab("train", two, "--devices", "2", "output.name=straight-fsdp", f"train.epochs={epochs}", env=env)
         straight = [r for r in read_metrics(root / "runs" / "straight-fsdp") if r["type"] == "eval"]
         assert abs(straight[-1]["eval_loss"] - evals[-1]["eval_loss"]) < 1e-5
     summary = json.loads((root / "runs" / f"stopped-{layout}" / "summary.json").read_text())
-    assert summary["steps"] == 25 * 15
+    assert summary["steps"] == epochs * 15
 
 
 def test_a_non_finite_loss_in_one_process_is_skipped_by_all(setup):
