@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from peftlab.data import Collator, Encoded
 from peftlab.pipeline import TrainingSetupError
 from peftlab.runs import load_run
+from peftlab.step_passes import cuda_graphs_possible, wants_cuda_graphs
 from peftlab.train import train
 from test_train import LEARNABLE
 
@@ -24,6 +26,35 @@ def test_asking_for_cuda_graphs_without_a_gpu_fails_before_any_work(make_config,
     with pytest.raises(TrainingSetupError, match="train.cuda_graphs=true: it needs a CUDA GPU"):
         train(config)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def _accelerator(device="cuda", processes=1, precision="bf16"):
+    return SimpleNamespace(device=torch.device(device), num_processes=processes, mixed_precision=precision)
+
+
+@pytest.mark.parametrize("accelerator,sharded,why", [
+    (_accelerator("cpu"), False, "it needs a CUDA GPU"),
+    (_accelerator(processes=2), False, "it runs in one process only"),
+    (_accelerator(), True, "it runs in one process only"),
+    (_accelerator(precision="fp16"), False, "fp16's loss scaling"),
+])
+def test_graphs_are_off_where_they_cannot_run_and_refused_when_asked_for(accelerator, sharded, why):
+    assert not cuda_graphs_possible("auto", accelerator, sharded)
+    assert not cuda_graphs_possible(False, accelerator, sharded)
+    with pytest.raises(TrainingSetupError, match=why):
+        cuda_graphs_possible(True, accelerator, sharded)
+
+
+def test_auto_records_graphs_for_the_verified_encoders_and_methods_only():
+    possible = cuda_graphs_possible("auto", _accelerator(), False)
+    assert possible and cuda_graphs_possible(True, _accelerator(precision="no"), False)
+    assert not cuda_graphs_possible(False, _accelerator(), False)
+    assert wants_cuda_graphs("auto", possible, "bert", "lora")
+    assert wants_cuda_graphs("auto", possible, "roberta", "full")
+    assert not wants_cuda_graphs("auto", possible, "modernbert", "lora")
+    assert not wants_cuda_graphs("auto", possible, "bert", "dora")
+    assert wants_cuda_graphs(True, possible, "modernbert", "dora")
+    assert not wants_cuda_graphs(True, False, "bert", "lora")
 
 
 def test_padding_rounds_lengths_up_to_few_shapes_but_not_past_the_maximum():

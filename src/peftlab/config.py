@@ -181,7 +181,7 @@ class TrainConfig(_Strict):
     cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay each step's forward and backward passes from CUDA graphs, recorded once per batch
     shape (batches padded to lengths in steps of 64 tokens); `auto`: on for one process on a CUDA GPU
-    in bf16 or fp32."""
+    in bf16 or fp32, for the encoders and methods verified with graphs (step_passes.py)."""
     seed: int = 42
     eval_every_steps: int | None = Field(None, ge=1)
     """Also evaluate every N optimizer steps (always after each epoch)."""

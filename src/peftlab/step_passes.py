@@ -97,18 +97,32 @@ class GraphedPasses(EagerPasses):
                 self._passes(inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the loader's pinning may allocate host memory from another thread meanwhile
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            loss = self._passes(inputs)
+        try:
+            # thread_local: the loader's pinning may allocate host memory from another thread meanwhile
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                loss = self._passes(inputs)
+        except RuntimeError as error:
+            from peftlab.pipeline import TrainingSetupError
+
+            raise TrainingSetupError(f"this model's training step could not be recorded as a CUDA graph ({error}); "
+                                     "set train.cuda_graphs=false") from error
         self.pool = self.pool or graph.pool()
         for param, grad in zip(self.params, grads):
             param.grad.copy_(grad)
         return _Recorded(graph, inputs, loss)
 
 
-def wants_cuda_graphs(setting: bool | str, accelerator, sharded: bool) -> bool:
-    """`train.cuda_graphs`: auto is on for one process on a CUDA GPU in bf16 or fp32. fp16's loss
-    scaler, data-parallel gradient hooks and FSDP's sharding run outside a recorded graph."""
+# Recorded on a GPU and checked against op-by-op steps (tests/test_cuda_graphs.py, bench/RESULTS.md).
+# Other encoders may synchronise with the host inside their forward pass (ModernBERT unpads its
+# batches), which a recording refuses; `cuda_graphs: true` tries them anyway.
+VERIFIED_MODEL_TYPES = {"bert", "distilbert", "roberta"}
+VERIFIED_METHODS = {"full", "lora", "loraplus", "ia3", "head"}
+
+
+def cuda_graphs_possible(setting: bool | str, accelerator, sharded: bool) -> bool:
+    """Whether this run could replay graphs: one process on a CUDA GPU in bf16 or fp32. fp16's loss
+    scaler and the gradient hooks of data-parallel and sharded runs work outside a recorded graph.
+    `train.cuda_graphs: true` where it cannot is refused before any work."""
     from peftlab.pipeline import TrainingSetupError
 
     why_not = ("it needs a CUDA GPU" if accelerator.device.type != "cuda"
@@ -117,4 +131,9 @@ def wants_cuda_graphs(setting: bool | str, accelerator, sharded: bool) -> bool:
                else None)
     if setting is True and why_not:
         raise TrainingSetupError(f"train.cuda_graphs=true: {why_not}; leave it at auto")
-    return setting is True or (setting == "auto" and why_not is None)
+    return setting is not False and why_not is None
+
+
+def wants_cuda_graphs(setting: bool | str, possible: bool, model_type: str, method: str) -> bool:
+    """`auto`: where possible, for the encoders and methods verified with graphs; `true`: where possible."""
+    return possible and (setting is True or (model_type in VERIFIED_MODEL_TYPES and method in VERIFIED_METHODS))

@@ -51,7 +51,13 @@ from peftlab.packed_linear import pack_frozen_linears
 from peftlab.pipeline import RunData, TrainingSetupError, eval_loader, make_accelerator, prepare_data
 from peftlab.runs import CHECKPOINTS, CONFIG, LABELS, RunDir
 from peftlab.sharding import gathered_optimizer, gathered_trainable, is_sharded
-from peftlab.step_passes import GRAPH_LENGTH_STEP, EagerPasses, GraphedPasses, wants_cuda_graphs
+from peftlab.step_passes import (
+    GRAPH_LENGTH_STEP,
+    EagerPasses,
+    GraphedPasses,
+    cuda_graphs_possible,
+    wants_cuda_graphs,
+)
 
 # What may change between the first start of a run and its resumption.
 RESUMABLE_CHANGES = NOT_EXPERIMENT_KEYS | {"train.checkpoint_every", "train.checkpoint_each_epoch",
@@ -285,7 +291,7 @@ def train(config: RunConfig, resume: str | Path | None = None,
         torch.set_num_threads(config.train.num_threads)
     environment.reset_peak_memory()
     accelerator = make_accelerator(config.train)
-    graphs = wants_cuda_graphs(config.train.cuda_graphs, accelerator, is_sharded(accelerator))
+    graphs_possible = cuda_graphs_possible(config.train.cuda_graphs, accelerator, is_sharded(accelerator))
     if accelerator.device.type == "cpu":
         environment.keep_freed_memory()
     run = RunDir.reserve(config.output, config.method.kind) if accelerator.is_main_process else None
@@ -296,6 +302,7 @@ def train(config: RunConfig, resume: str | Path | None = None,
     names = data.splits.labels.names
     set_seed(config.train.seed)
     model = apply_method(load_base(config.model, data.splits.labels.id2label), config.method)
+    graphs = wants_cuda_graphs(config.train.cuda_graphs, graphs_possible, model.config.model_type, config.method.kind)
     fast_dropout = _wants_fast_dropout(config.train, accelerator)
     if fast_dropout:
         use_fast_dropout(model)
