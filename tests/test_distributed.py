@@ -216,3 +216,26 @@ def test_a_non_finite_loss_in_one_process_is_skipped_by_all(setup):
     assert single.summary["steps"] == double.summary["steps"] == 2 * 15 - 2
     last = [[r for r in read_metrics(run.path) if r["type"] == "eval"][-1] for run in (single, double)]
     assert abs(last[0]["eval_loss"] - last[1]["eval_loss"]) < 1e-4
+
+
+def test_a_signal_handled_during_the_stop_all_reduce_is_agreed_on_at_the_next_one(monkeypatch):
+    """The signal reaches this process while it waits in the all-reduce whose result (the other
+    process's 0) does not hold it yet: it must neither stop alone nor be forgotten, but go into the
+    next all-reduce. Forgetting it let a SIGTERM'd two-process run train on to the end."""
+    from types import SimpleNamespace
+
+    from peftlab.train import StopOnSignal
+
+    stop = StopOnSignal()
+    sent = []
+
+    def all_reduce(tensor, op):  # the other process always sends 0: the MAX is this one's value...
+        sent.append(int(tensor.item()))
+        if len(sent) == 1:
+            stop._handle(signal.SIGTERM, None)  # ... but the signal arrives mid-reduce, after it was sent
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    assert stop.agreed(accelerator) is None  # not alone: the other process does not know yet
+    assert stop.agreed(accelerator) == "SIGTERM"
+    assert sent == [0, int(signal.SIGTERM)]

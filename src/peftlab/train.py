@@ -410,7 +410,12 @@ class StopOnSignal:
         if accelerator.num_processes > 1:
             signum = torch.tensor([getattr(signal, self.reason) if self.reason else 0], device=accelerator.device)
             torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
-            self.reason = signal.Signals(int(signum.item())).name if signum.item() else None
+            agreed = int(signum.item())
+            # A signal handled while this process waited in the all-reduce is not in its result: it stays
+            # in self.reason (never cleared) and goes into the next call's, which every process then sees.
+            if agreed:
+                self.reason = signal.Signals(agreed).name
+            return self.reason if agreed else None
         return self.reason
 
     def _handle(self, signum, frame) -> None:
