@@ -120,8 +120,7 @@ def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cf
                dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = gradient_clipper(accelerator, optimizer, params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-    passes = GraphedPasses(model, optimizer, accelerator, params) if graphs else EagerPasses(model, optimizer,
-                                                                                             accelerator)
+    passes = GraphedPasses(model, optimizer, accelerator, params) if graphs else EagerPasses(model, optimizer, accelerator)
     unread = UnreadFigures(accelerator.num_processes)
     first_epoch = state.epoch if state.batches_in_epoch else state.epoch + 1
     for state.epoch in range(first_epoch, cfg.epochs + 1):
