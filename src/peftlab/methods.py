@@ -231,10 +231,10 @@ def save_trained(model: nn.Module, method, directory: Path, trained: dict[str, t
     if isinstance(method, HeadMethod):
         from safetensors.torch import save_file
 
-        state = {k: v.detach().contiguous() for name in head_modules(model)
-                 for k, v in getattr(model, name).state_dict(prefix=f"{name}.").items()}
-        if trained is not None:
-            state = {k: v.contiguous() for k, v in trained.items() if k.split(".")[0] in head_modules(model)}
+        heads = head_modules(model)
+        if trained is None:
+            trained = {k: v.detach() for name in heads for k, v in getattr(model, name).state_dict(prefix=f"{name}.").items()}
+        state = {k: v.contiguous() for k, v in trained.items() if k.split(".")[0] in heads}
         save_file(state, str(directory / HEAD_WEIGHTS))
         model.config.save_pretrained(directory)
         return
