@@ -226,3 +226,32 @@ def test_unread_figures_hold_losses_and_tokens_until_read():
     assert state.tokens == 5 + (3 + 5) * 2
     unread.read_into(state)
     assert state.window_losses == [0.75, 0.5] and state.tokens == 21
+
+
+def test_a_lagged_finiteness_check_skips_the_update_in_the_kernel_and_names_the_step():
+    """A step with a non-finite loss (on any micro-batch) hands `found_inf` to the fused AdamW, which
+    leaves weights, moments and step count as they were; the error comes at the next settle."""
+    from peftlab.finiteness import LaggedCheck, NonFiniteLossError
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    check = LaggedCheck(optimizer)
+    weight.grad = torch.ones(4)
+    check.add(torch.tensor(0.5))
+    check.hand_over(step=1, epoch=1)
+    optimizer.step()
+    check.settle()  # finite: nothing raised
+    after_one = weight.detach().clone()
+    moments = optimizer.state[weight]["exp_avg"].clone()
+    assert not torch.equal(after_one, torch.ones(4)) and "found_inf" not in optimizer.__dict__
+
+    weight.grad = torch.full((4,), float("nan"))
+    check.add(torch.tensor(0.5))
+    check.add(torch.tensor(float("inf")))  # the second micro-batch of the same step
+    check.hand_over(step=2, epoch=1)
+    optimizer.step()
+    assert torch.equal(weight.detach(), after_one) and torch.equal(optimizer.state[weight]["exp_avg"], moments)
+    assert optimizer.state[weight]["step"].item() == 1
+    with pytest.raises(NonFiniteLossError, match="at step 2 \\(epoch 1\\); training stopped before"):
+        check.settle()
+    check.settle()  # reported once

@@ -97,11 +97,22 @@ def test_gradient_accumulation_matches_the_larger_batch(make_config, tiny_models
         torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4)
 
 
-def test_non_finite_loss_stops_before_the_step_and_keeps_the_last_good_model(make_config, monkeypatch):
-    poison_training_forward(monkeypatch, lambda n: n >= 12)
-    config = make_config("bert", train={"epochs": 2, "eval_every_steps": 5})
-    with pytest.raises(NonFiniteLossError, match="at step 12 .*stopped before that optimizer step"):
+@pytest.mark.parametrize("lagged,bad_step", [(False, 12), (True, 12), (True, 15)])
+def test_non_finite_loss_stops_before_the_step_and_keeps_the_last_good_model(make_config, monkeypatch, lagged,
+                                                                            bad_step):
+    """Checked at once (CPU), or a step later as on a GPU: then also on the last step of an epoch (15
+    batches), whose evaluation must not run first."""
+    import peftlab.train as train_module
+
+    monkeypatch.setattr(train_module, "can_lag", lambda *args: lagged)
+    poison_training_forward(monkeypatch, lambda n: n >= bad_step)
+    # op by op: a step replayed from a CUDA graph would not call the poisoning hook
+    config = make_config("bert", train={"epochs": 2, "eval_every_steps": 5, "cuda_graphs": False})
+    with pytest.raises(NonFiniteLossError, match=f"at step {bad_step} .*stopped before that optimizer step"):
         train(config)
+    if bad_step == 15:
+        evals = [r["step"] for r in read_metrics(config.output.dir / "toy.incomplete") if r["type"] == "eval"]
+        assert evals == [5, 10]  # not step 15's
     work = config.output.dir / "toy.incomplete"
     assert not (config.output.dir / "toy").exists() and not (work / "summary.json").exists()
     saved = load_file(str(work / "model" / "adapter_model.safetensors"))

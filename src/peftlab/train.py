@@ -38,6 +38,7 @@ from peftlab.data import make_loader, set_sampler_epoch
 from peftlab.embedding_rows import SeenRowsEmbedding, follow_optimizer, train_seen_rows_only
 from peftlab.evaluation import evaluate
 from peftlab.fast_dropout import use_fast_dropout
+from peftlab.finiteness import LaggedCheck, NonFiniteLossError, can_lag, finite_or_skipped
 from peftlab.methods import (
     apply_method,
     count_parameters,
@@ -66,10 +67,6 @@ RESUMABLE_CHANGES = NOT_EXPERIMENT_KEYS | {"train.checkpoint_every", "train.chec
 
 # Methods whose frozen linear weights are only ever read by autocast matmuls (DoRA also takes their norms).
 CAST_FROZEN_METHODS = {"head", "lora", "loraplus", "ia3"}
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped before the optimizer step."""
 
 
 # --------------------------------------------------------------------------- the loop
@@ -121,7 +118,8 @@ def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cf
     params = [p for p in model.parameters() if p.requires_grad]
     clip = gradient_clipper(accelerator, optimizer, params, cfg.max_grad_norm) if cfg.max_grad_norm else None
     passes = GraphedPasses(model, optimizer, accelerator, params) if graphs else EagerPasses(model, optimizer, accelerator)
-    unread = UnreadFigures(accelerator.num_processes)
+    lagged = LaggedCheck(optimizer) if can_lag(cfg, accelerator, optimizer, is_sharded(accelerator)) else None
+    unread = UnreadFigures(accelerator.num_processes, settle=lagged.settle if lagged else None)
     first_epoch = state.epoch if state.batches_in_epoch else state.epoch + 1
     for state.epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
@@ -131,11 +129,16 @@ def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cf
             with accelerator.accumulate(model):
                 loss = passes.forward(batch)
                 state.batches_in_epoch += 1
-                if not _finite_or_skipped(loss, state, cfg, passes, accelerator):
+                if lagged:
+                    lagged.settle()  # the last step's verdict, read while this step's passes run
+                    lagged.add(loss)
+                elif not finite_or_skipped(loss, state, cfg, passes, accelerator, lambda m: tqdm_write(m, accelerator)):
                     continue
                 passes.backward(loss)
                 if accelerator.sync_gradients and clip:
                     clip()
+                if accelerator.sync_gradients and lagged:
+                    lagged.hand_over(state.step + 1, state.epoch)
                 optimizer.step()
                 passes.zero_grad()
             unread.add(loss, batch["attention_mask"])
@@ -175,12 +178,12 @@ def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cf
 class UnreadFigures:
     """Each step's loss and token count, left where they were computed until the loop logs,
     evaluates or checkpoints. On a GPU, reading a value waits for all the work queued before it:
-    read at every step, the GPU sat idle while the host fetched the next batch. The one wait kept
-    per step is the finiteness check right after the forward pass, where the host then queues the
-    whole backward pass at once."""
+    read at every step, the GPU sat idle while the host fetched the next batch. Where the finiteness
+    check lags a step (finiteness.py), it is settled before any figure is read."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, settle: Callable[[], None] | None = None) -> None:
         self.processes = processes
+        self.settle = settle
         self.losses: list[torch.Tensor] = []
         self.tokens: list[torch.Tensor] = []
 
@@ -189,6 +192,8 @@ class UnreadFigures:
         self.tokens.append(attention_mask.sum())
 
     def read_into(self, state: Progress) -> Progress:
+        if self.settle:
+            self.settle()
         if self.losses:
             state.window_losses.extend(torch.stack(self.losses).float().tolist())
             state.tokens += int(torch.stack(self.tokens).sum()) * self.processes
@@ -210,31 +215,6 @@ def _positioned(train_loader, state: Progress, hooks: Hooks):
         hooks.restore_rng()
         hooks.restore_rng = None
     return batches
-
-
-def _finite_or_skipped(loss: torch.Tensor, state: Progress, cfg: TrainConfig, passes: EagerPasses,
-                       accelerator) -> bool:
-    """True when the loss is finite in every process. A non-finite one is skipped (no update) while
-    `skip_nonfinite_steps` allows, else the run stops before the optimizer step. Processes decide
-    together: one that skipped its backward pass alone would leave the others waiting in its
-    gradient all-reduce."""
-    finite = torch.isfinite(loss.detach()).all()
-    if accelerator.num_processes > 1:
-        finite = finite.to(torch.int32).reshape(1)
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    if finite.item():
-        return True
-    own = loss.item()
-    what = f"the loss became {own}" if not math.isfinite(own) else "the loss became non-finite in another process"
-    if state.skipped_steps < cfg.skip_nonfinite_steps:
-        state.skipped_steps += 1
-        passes.zero_grad()
-        tqdm_write(f"warning: {what} at step {state.step + 1}; step skipped "
-                   f"({state.skipped_steps} of at most {cfg.skip_nonfinite_steps})", accelerator)
-        return False
-    raise NonFiniteLossError(f"{what} at step {state.step + 1} (epoch {state.epoch}); "
-                             "training stopped before that optimizer step; lower train.lr, check the data, or "
-                             "allow a few skipped steps with train.skip_nonfinite_steps")
 
 
 def _log_train(state: Progress, scheduler, bar, log: Callable[[dict], None]) -> None:
