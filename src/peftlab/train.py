@@ -135,10 +135,11 @@ def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cf
                 elif not finite_or_skipped(loss, state, cfg, passes, accelerator, lambda m: tqdm_write(m, accelerator)):
                     continue
                 passes.backward(loss)
-                if accelerator.sync_gradients and clip:
-                    clip()
-                if accelerator.sync_gradients and lagged:
-                    lagged.hand_over(state.step + 1, state.epoch)
+                if accelerator.sync_gradients:
+                    if clip:
+                        clip()
+                    if lagged:
+                        lagged.hand_over(state.step + 1, state.epoch)
                 optimizer.step()
                 passes.zero_grad()
             unread.add(loss, batch["attention_mask"])
