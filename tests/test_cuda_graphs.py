@@ -12,7 +12,7 @@ import torch
 from peftlab.data import Collator, Encoded
 from peftlab.pipeline import TrainingSetupError
 from peftlab.runs import load_run
-from peftlab.step_passes import cuda_graphs_possible, wants_cuda_graphs
+from peftlab.step_passes import GraphedPasses, cuda_graphs_possible, wants_cuda_graphs
 from peftlab.train import train
 from test_train import LEARNABLE
 
@@ -98,10 +98,19 @@ def test_graphed_steps_train_as_eager_steps_do(make_config, tiny_models, tmp_pat
                                                grad_accum):
     import peftlab.train as train_module
 
-    # Both runs pad every batch to max_length, so that they compute on the same shapes.
+    # Both runs pad to the same lengths (8, 12 and 16 tokens on the toy task), so that they compute
+    # on the same shapes; graphs record one per shape, the first after warm-up passes, the others without.
     real_make_loader = train_module.make_loader
     monkeypatch.setattr(train_module, "make_loader",
-                        lambda *args, **kwargs: real_make_loader(*args, **{**kwargs, "pad_to_multiple_of": 64}))
+                        lambda *args, **kwargs: real_make_loader(*args, **{**kwargs, "pad_to_multiple_of": 4}))
+    warmups_per_graph = []
+    real_record = GraphedPasses._record
+
+    def record(self, batch, warmups):
+        warmups_per_graph.append(warmups)
+        return real_record(self, batch, warmups)
+
+    monkeypatch.setattr(GraphedPasses, "_record", record)
     model = _dropout_free_model(tiny_models, arch, tmp_path / "model")
     kind, lr = LEARNABLE[method]
     runs = {}
@@ -113,6 +122,7 @@ def test_graphed_steps_train_as_eager_steps_do(make_config, tiny_models, tmp_pat
         runs[graphs] = train(config)
     assert load_run(runs[True]).summary["cuda_graphs"] is True
     assert load_run(runs[False]).summary["cuda_graphs"] is False
+    assert len(warmups_per_graph) >= 2 and warmups_per_graph == [2] + [0] * (len(warmups_per_graph) - 1)
     eager, graphed = _evals(runs[False]), _evals(runs[True])
     assert len(eager) == len(graphed) == 10
     for a, b in zip(eager, graphed):

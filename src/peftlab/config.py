@@ -182,6 +182,10 @@ class TrainConfig(_Strict):
     """Replay each step's forward and backward passes from CUDA graphs, recorded once per batch
     shape (batches padded to lengths in steps of 64 tokens); `auto`: on for one process on a CUDA GPU
     in bf16 or fp32, for the encoders and methods verified with graphs (step_passes.py)."""
+    unpadded_attention: bool | Literal["auto"] = "auto"
+    """Attention through flash attention's variable-length kernel, each text over its own tokens,
+    instead of SDPA with a padding mask (the same function; another kernel and dropout stream);
+    `auto`: on a CUDA GPU of the Ampere generation or newer in bf16 or fp16, for BERT-like encoders."""
     seed: int = 42
     eval_every_steps: int | None = Field(None, ge=1)
     """Also evaluate every N optimizer steps (always after each epoch)."""

@@ -63,7 +63,7 @@ class GraphedPasses(EagerPasses):
         key = tuple((name, tuple(tensor.shape)) for name, tensor in inputs.items())
         recorded = self.recorded.get(key)
         if recorded is None and len(self.recorded) < MAX_GRAPHS:
-            recorded = self.recorded[key] = self._record(inputs, warmups=2 if not self.recorded else 1)
+            recorded = self.recorded[key] = self._record(inputs, warmups=0 if self.recorded else 2)
         if recorded is None:
             self.eager_loss = super().forward(batch)
             return self.eager_loss
@@ -86,7 +86,9 @@ class GraphedPasses(EagerPasses):
         return loss.detach()
 
     def _record(self, batch: dict[str, torch.Tensor], warmups: int) -> _Recorded:
-        """Warm up on a side stream (lazy initialisations cannot be recorded), then record. The
+        """Warm up on a side stream (lazy initialisations cannot be recorded), then record. Only the
+        first shape needs warm-up passes: later ones find everything initialised, and a pass per
+        shape made recording cost 0.5 s more in a fresh process on an H100 (bench/RESULTS.md). The
         warm-up passes add to the gradients, which are put back as they were (mid-accumulation)."""
         inputs = {name: tensor.clone() for name, tensor in batch.items()}
         grads = [param.grad.clone() for param in self.params]

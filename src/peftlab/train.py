@@ -59,6 +59,7 @@ from peftlab.step_passes import (
     cuda_graphs_possible,
     wants_cuda_graphs,
 )
+from peftlab.unpadded_attention import flash_capable, use_unpadded_attention
 
 # What may change between the first start of a run and its resumption.
 RESUMABLE_CHANGES = NOT_EXPERIMENT_KEYS | {"train.checkpoint_every", "train.checkpoint_each_epoch",
@@ -272,6 +273,7 @@ def train(config: RunConfig, resume: str | Path | None = None,
     environment.reset_peak_memory()
     accelerator = make_accelerator(config.train)
     graphs_possible = cuda_graphs_possible(config.train.cuda_graphs, accelerator, is_sharded(accelerator))
+    unpadded_possible = _unpadded_attention_possible(config.train, accelerator)
     if accelerator.device.type == "cpu":
         environment.keep_freed_memory()
     run = RunDir.reserve(config.output, config.method.kind) if accelerator.is_main_process else None
@@ -286,6 +288,7 @@ def train(config: RunConfig, resume: str | Path | None = None,
     fast_dropout = _wants_fast_dropout(config.train, accelerator)
     if fast_dropout:
         use_fast_dropout(model)
+    unpadded = unpadded_possible and use_unpadded_attention(model)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     sharded = is_sharded(accelerator)
     if autocast_dtype and config.method.kind in CAST_FROZEN_METHODS and not sharded:  # FSDP2 shards one dtype
@@ -296,7 +299,7 @@ def train(config: RunConfig, resume: str | Path | None = None,
     seen_rows = train_seen_rows_only(model, data.train.input_ids) if _wants_seen_rows(config.train, accelerator) \
         else None
     run = run.create(resuming=checkpoint is not None) if run else None
-    _announce(config, data, counts, run, accelerator, fast_dropout, seen_rows, graphs)
+    _announce(config, data, counts, run, accelerator, fast_dropout, seen_rows, graphs, unpadded)
     if run and not checkpoint:
         run.save_config(config)
         run.write_json(LABELS, {"labels": names, "id2label": data.splits.labels.id2label,
@@ -358,7 +361,7 @@ def train(config: RunConfig, resume: str | Path | None = None,
     if run is None:
         return config.output.dir
     summary = _summary(config, data, counts, state, started_at, accelerator) | {
-        "run": run.final.name, "fast_dropout": fast_dropout, "cuda_graphs": graphs,
+        "run": run.final.name, "fast_dropout": fast_dropout, "cuda_graphs": graphs, "unpadded_attention": unpadded,
         "seen_embedding_rows": len(seen_rows.seen_ids) if seen_rows is not None else None}
     final = run.finish(summary)
     tqdm_write(f"best {cfg.best_metric} {state.best[cfg.best_metric]:.4f} at epoch {state.best['epoch']}; "
@@ -472,7 +475,7 @@ def _refuse_non_finite(weights: dict[str, torch.Tensor]) -> None:
 
 
 def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None, accelerator,
-              fast_dropout: bool, seen_rows: SeenRowsEmbedding | None, graphs: bool) -> None:
+              fast_dropout: bool, seen_rows: SeenRowsEmbedding | None, graphs: bool, unpadded: bool) -> None:
     if not accelerator.is_main_process:
         return
     print("resolved config:\n" + "\n".join("  " + line for line in config.to_yaml().splitlines()))
@@ -486,7 +489,8 @@ def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None
           f"parameters ({100 * counts['trainable_share']:.3f}%); device {accelerator.device}, "
           f"precision {_precision(accelerator)}, "
           f"{'fast CPU dropout' if fast_dropout else 'torch dropout'}"
-          f"{', steps replayed from CUDA graphs' if graphs else ''}")
+          f"{', steps replayed from CUDA graphs' if graphs else ''}"
+          f"{', attention over unpadded tokens' if unpadded else ''}")
     if seen_rows is not None:
         print(f"embedding: each step updates the {len(seen_rows.seen_ids):,} of {seen_rows.num_embeddings:,} rows whose "
               "tokens occur in the training data (the others' gradients are zero)")
@@ -524,6 +528,17 @@ def _summary(config: RunConfig, data: RunData, counts: dict, state: Progress, st
 
 def _wants_fast_dropout(cfg: TrainConfig, accelerator) -> bool:
     return cfg.fast_dropout is True or (cfg.fast_dropout == "auto" and accelerator.device.type == "cpu")
+
+
+def _unpadded_attention_possible(cfg: TrainConfig, accelerator) -> bool:
+    """Whether flash attention's variable-length kernel can run here; `true` where it cannot is
+    refused before any work."""
+    why_not = ("it needs a CUDA GPU of the Ampere generation or newer" if not flash_capable(accelerator.device)
+               else "flash attention needs bf16 or fp16 (train.precision)"
+               if accelerator.mixed_precision not in ("bf16", "fp16") else None)
+    if cfg.unpadded_attention is True and why_not:
+        raise TrainingSetupError(f"train.unpadded_attention=true: {why_not}; leave it at auto")
+    return cfg.unpadded_attention is not False and why_not is None
 
 
 def _wants_seen_rows(cfg: TrainConfig, accelerator) -> bool:
