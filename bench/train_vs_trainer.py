@@ -8,6 +8,8 @@ and the table shows each figure and the ratio peftlab / peer:
     .venv/bin/python bench/train_vs_trainer.py --methods lora --repeats 3 --json bench/cpu.json
     .venv/bin/python bench/train_vs_trainer.py --variants "default=;torch-dropout=train.fast_dropout=false"
     .venv/bin/python bench/train_vs_trainer.py --workload imdb-shaped --json bench/gpu.json   # on a GPU
+    .venv/bin/python bench/train_vs_trainer.py --workload imdb-shaped --arch distilbert --methods lora --no-peer \
+        --repeats 2 --variants "default=;masked=train.unpadded_attention=false"   # an A/B of peftlab options
 
 The GPU workload (`--workload imdb-shaped`, bench/imdb_shaped.py): distilbert-base and roberta-base
 shapes with random weights, 25,000 synthetic texts with IMDB's token lengths (truncated at 512),
@@ -208,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                              "speeds are medians, accuracy and F1 means over the seeds")
     parser.add_argument("--seed", type=int, default=42, help="train seed of the first repeat (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the figures and ratios here")
+    parser.add_argument("--no-peer", action="store_true",
+                        help="peftlab's variants only: their figures without the peer's or ratios (A/B runs "
+                             "of peftlab options when the peer's run would take most of the time)")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.workload].items():
         if getattr(args, key) is None:
@@ -222,10 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                 peer_runs, our_runs = [], {name: [] for name in variants}
                 for repeat in range(args.repeats):
                     raw = workload(args, model, method, Path(tmp), args.seed + repeat)
-                    peer_runs.append(run_peer(raw, Path(tmp)))
+                    if not args.no_peer:
+                        peer_runs.append(run_peer(raw, Path(tmp)))
                     for name, overrides in variants.items():
                         our_runs[name].append(run_peftlab(raw, overrides))
-                peer = with_mfu(aggregate(peer_runs), model, method, device)
+                peer = with_mfu(aggregate(peer_runs), model, method, device) if peer_runs else {}
                 for name, runs in our_runs.items():
                     ours = with_mfu(aggregate(runs), model, method, device)
                     row = {"workload": f"{model['label']} {method} n_train={args.n_train} epochs={args.epochs}",
@@ -255,7 +261,8 @@ def print_row(row: dict) -> None:
         print(f"{key:<22}{row['peer'].get(key, float('nan')):>12.3f}{row['peftlab'][key]:>12.3f}"
               f"{row[key + '_ratio']:>8.2f}x")
     for key in QUALITY:
-        print(f"{key + ' std':<22}{row['peer'][key + '_std']:>12.3f}{row['peftlab'][key + '_std']:>12.3f}")
+        print(f"{key + ' std':<22}{row['peer'].get(key + '_std', float('nan')):>12.3f}"
+              f"{row['peftlab'][key + '_std']:>12.3f}")
     sys.stdout.flush()
 
 
