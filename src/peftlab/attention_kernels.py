@@ -1,4 +1,5 @@
-"""Which scaled-dot-product attention kernels run on a GPU, where batch shapes vary."""
+"""Which scaled-dot-product attention kernels run on a GPU, where batch shapes vary, and how an
+encoder is given an attention function of peftlab's own."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import nn
+
+# Encoders whose attention is plain scaled dot-product through transformers' AttentionInterface
+# (no sliding windows or relative positions an attention function of our own would have to know about).
+ATTENTION_MODELS = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert"}
 
 
 @contextmanager
@@ -22,3 +28,20 @@ def planless_attention(device: torch.device | str) -> Iterator[None]:
 
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         yield
+
+
+def give_attention(model: nn.Module, name: str, attention, make_mask) -> bool:
+    """Register `attention` and the mask builder it expects (transformers' AttentionInterface and
+    AttentionMaskInterface) under `name`, and give them to `model` if it is one of ATTENTION_MODELS
+    running SDPA (a PEFT model's base model too); returns whether it got them."""
+    encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(encoder, "config", None)
+    if config is None or config.model_type not in ATTENTION_MODELS or config._attn_implementation != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, make_mask)
+    encoder.set_attn_implementation(name)
+    return True

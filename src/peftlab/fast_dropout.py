@@ -8,7 +8,7 @@ numpy's vectorised compare then writes the mask's bit patterns directly (0 or th
 the activations' dtype): torch's int16 compare and bool-to-bf16 cast on a CPU took longer than the
 draws. That made the masks 3x cheaper than drawing them with torch.randint. Dropout on
 attention probabilities happens inside `scaled_dot_product_attention`, out of reach, so for training
-on a CPU the encoders named in `ATTENTION_MODELS` get an attention function that computes the
+on a CPU the encoders named in `ATTENTION_MODELS` (attention_kernels.py) get an attention function that computes the
 probabilities itself (at these short lengths as fast as SDPA's math path) and drops them here;
 evaluation still runs SDPA.
 """
@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from peftlab.attention_kernels import give_attention
+
 ATTENTION = "peftlab_cpu_train"
-# Encoders whose attention is plain scaled dot-product through transformers' AttentionInterface
-# (no sliding windows or relative positions the function below would have to know about).
-ATTENTION_MODELS = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "camembert"}
 _LEVELS = 1 << 16
 _SAME_SIZE_INT = {1: (torch.int8, np.int8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32),
                   8: (torch.int64, np.int64)}
@@ -86,14 +85,6 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _last_mask[2]
 
 
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION, _attention)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-
-
 def use_fast_dropout(model: nn.Module) -> int:
     """Swap every nn.Dropout of `model` (PEFT adapters' too) for FastDropout, and the attention of
     the encoders in ATTENTION_MODELS; returns how many dropout modules were swapped."""
@@ -102,9 +93,7 @@ def use_fast_dropout(model: nn.Module) -> int:
         if type(module) is nn.Dropout:
             module.__class__ = FastDropout  # same state, another forward
             swapped += 1
-    encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(encoder, "config", None)
-    if config is not None and config.model_type in ATTENTION_MODELS and config._attn_implementation == "sdpa":
-        _register_attention()
-        encoder.set_attn_implementation(ATTENTION)
+    from transformers.masking_utils import sdpa_mask
+
+    give_attention(model, ATTENTION, _attention, sdpa_mask)
     return swapped

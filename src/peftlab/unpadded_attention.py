@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftlab.fast_dropout import ATTENTION_MODELS
+from peftlab.attention_kernels import give_attention
 
 ATTENTION = "peftlab_unpadded"
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -75,16 +75,6 @@ def padding_mask_only(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
 
 
 def use_unpadded_attention(model: nn.Module) -> bool:
-    """Give the encoders in ATTENTION_MODELS (plain scaled dot-product attention through
-    transformers' AttentionInterface) the attention above; returns whether it was given."""
-    encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(encoder, "config", None)
-    if config is None or config.model_type not in ATTENTION_MODELS or config._attn_implementation != "sdpa":
-        return False
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ATTENTION, unpadded_attention)
-    AttentionMaskInterface.register(ATTENTION, padding_mask_only)
-    encoder.set_attn_implementation(ATTENTION)
-    return True
+    """Give the attention above to the encoders of ATTENTION_MODELS (attention_kernels.py); returns
+    whether `model` got it."""
+    return give_attention(model, ATTENTION, unpadded_attention, padding_mask_only)
