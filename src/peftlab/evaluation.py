@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from peftlab.attention_kernels import planless_attention
+from peftlab.compiled_blocks import run_eagerly
 from peftlab.metrics import classification_metrics
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -38,7 +39,7 @@ def predict(model: torch.nn.Module, loader, accelerator) -> Predictions:
     model.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []
     for batch in loader:
-        with planless_attention(accelerator.device):
+        with planless_attention(accelerator.device), run_eagerly():
             logits = model(**model_inputs(batch)).logits.float()
         losses = F.cross_entropy(logits, batch["labels"], reduction="none")
         chunks.append(accelerator.gather_for_metrics((logits, batch["labels"], losses, batch["index"])))

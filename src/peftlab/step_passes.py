@@ -48,9 +48,10 @@ class GraphedPasses(EagerPasses):
     backward pass too (the gradients are then in place; a non-finite loss zeroes them); the
     gradient tensors stay allocated between steps, because the graphs add into them."""
 
-    def __init__(self, model, optimizer, accelerator, params: list[torch.Tensor]) -> None:
+    def __init__(self, model, optimizer, accelerator, params: list[torch.Tensor], warm_every_shape: bool = False) -> None:
         super().__init__(model, optimizer, accelerator)
         self.params = params
+        self.warm_every_shape = warm_every_shape  # compiled blocks may compile for a new shape: never while recording
         self.recorded: dict[tuple, _Recorded] = {}
         self.pool = None
         self.eager_loss: torch.Tensor | None = None
@@ -63,7 +64,8 @@ class GraphedPasses(EagerPasses):
         key = tuple((name, tuple(tensor.shape)) for name, tensor in inputs.items())
         recorded = self.recorded.get(key)
         if recorded is None and len(self.recorded) < MAX_GRAPHS:
-            recorded = self.recorded[key] = self._record(inputs, warmups=0 if self.recorded else 2)
+            warmups = 2 if not self.recorded else 1 if self.warm_every_shape else 0
+            recorded = self.recorded[key] = self._record(inputs, warmups)
         if recorded is None:
             self.eager_loss = super().forward(batch)
             return self.eager_loss
@@ -88,8 +90,9 @@ class GraphedPasses(EagerPasses):
     def _record(self, batch: dict[str, torch.Tensor], warmups: int) -> _Recorded:
         """Warm up on a side stream (lazy initialisations cannot be recorded), then record. Only the
         first shape needs warm-up passes: later ones find everything initialised, and a pass per
-        shape made recording cost 0.5 s more in a fresh process on an H100 (bench/RESULTS.md). The
-        warm-up passes add to the gradients, which are put back as they were (mid-accumulation)."""
+        shape made recording cost 0.5 s more in a fresh process on an H100 (bench/RESULTS.md); compiled
+        blocks get one, in case a shape makes them compile. The warm-up passes add to the gradients,
+        which are put back as they were (mid-accumulation)."""
         inputs = {name: tensor.clone() for name, tensor in batch.items()}
         grads = [param.grad.clone() for param in self.params]
         side = torch.cuda.Stream()

@@ -37,6 +37,7 @@ from peftlab.config import (
 from peftlab.data import make_loader, set_sampler_epoch
 from peftlab.embedding_rows import SeenRowsEmbedding, follow_optimizer, train_seen_rows_only
 from peftlab.evaluation import evaluate
+from peftlab.compiled_blocks import compile_blocks
 from peftlab.fast_dropout import use_fast_dropout
 from peftlab.finiteness import LaggedCheck, NonFiniteLossError, can_lag, finite_or_skipped
 from peftlab.methods import (
@@ -108,7 +109,7 @@ class Hooks:
 
 
 def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cfg: TrainConfig, names: list[str],
-        hooks: Hooks, state: Progress, show: bool, graphs: bool = False) -> Progress:
+        hooks: Hooks, state: Progress, show: bool, graphs: bool = False, compiled: bool = False) -> Progress:
     """The training loop: forward, backward, clip, step; log, evaluate, keep the best, checkpoint."""
     from tqdm.auto import tqdm
 
@@ -118,7 +119,8 @@ def fit(model, optimizer, scheduler, train_loader, eval_loader_, accelerator, cf
                dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = gradient_clipper(accelerator, optimizer, params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-    passes = GraphedPasses(model, optimizer, accelerator, params) if graphs else EagerPasses(model, optimizer, accelerator)
+    passes = (GraphedPasses(model, optimizer, accelerator, params, warm_every_shape=compiled) if graphs
+              else EagerPasses(model, optimizer, accelerator))
     lagged = LaggedCheck(optimizer) if can_lag(cfg, accelerator, optimizer, is_sharded(accelerator)) else None
     unread = UnreadFigures(accelerator.num_processes, settle=lagged.settle if lagged else None)
     first_epoch = state.epoch if state.batches_in_epoch else state.epoch + 1
@@ -274,6 +276,8 @@ def train(config: RunConfig, resume: str | Path | None = None,
     accelerator = make_accelerator(config.train)
     graphs_possible = cuda_graphs_possible(config.train.cuda_graphs, accelerator, is_sharded(accelerator))
     unpadded_possible = _unpadded_attention_possible(config.train, accelerator)
+    if config.train.compile and is_sharded(accelerator):
+        raise TrainingSetupError("train.compile=true is not verified with FSDP sharding; leave it off")
     if accelerator.device.type == "cpu":
         environment.keep_freed_memory()
     run = RunDir.reserve(config.output, config.method.kind) if accelerator.is_main_process else None
@@ -293,13 +297,14 @@ def train(config: RunConfig, resume: str | Path | None = None,
     sharded = is_sharded(accelerator)
     if autocast_dtype and config.method.kind in CAST_FROZEN_METHODS and not sharded:  # FSDP2 shards one dtype
         store_frozen_linears_in(model, autocast_dtype)
-        if accelerator.device.type == "cpu":  # the model is still on the CPU here, wherever it trains
+        if accelerator.device.type == "cpu" and not config.train.compile:  # still on the CPU here, wherever it trains
             pack_frozen_linears(model)  # only frozen bf16 layers on a CPU with oneDNN's bf16 ops
+    compiled = compile_blocks(model) if config.train.compile else 0  # compiles at the first step
     counts = count_parameters(model)  # before the seen rows: all of the embedding matrix is trained
     seen_rows = train_seen_rows_only(model, data.train.input_ids) if _wants_seen_rows(config.train, accelerator) \
         else None
     run = run.create(resuming=checkpoint is not None) if run else None
-    _announce(config, data, counts, run, accelerator, fast_dropout, seen_rows, graphs, unpadded)
+    _announce(config, data, counts, run, accelerator, fast_dropout, seen_rows, graphs, unpadded, compiled)
     if run and not checkpoint:
         run.save_config(config)
         run.write_json(LABELS, {"labels": names, "id2label": data.splits.labels.id2label,
@@ -356,12 +361,13 @@ def train(config: RunConfig, resume: str | Path | None = None,
             else Progress()
         with planless_attention(accelerator.device):
             state = fit(model, optimizer, scheduler, train_loader, evaluation_loader, accelerator, cfg, names, hooks,
-                        state, show=config.output.progress, graphs=graphs)
+                        state, show=config.output.progress, graphs=graphs, compiled=compiled > 0)
     accelerator.wait_for_everyone()
     if run is None:
         return config.output.dir
     summary = _summary(config, data, counts, state, started_at, accelerator) | {
         "run": run.final.name, "fast_dropout": fast_dropout, "cuda_graphs": graphs, "unpadded_attention": unpadded,
+        "compiled_blocks": compiled,
         "seen_embedding_rows": len(seen_rows.seen_ids) if seen_rows is not None else None}
     final = run.finish(summary)
     tqdm_write(f"best {cfg.best_metric} {state.best[cfg.best_metric]:.4f} at epoch {state.best['epoch']}; "
@@ -475,7 +481,8 @@ def _refuse_non_finite(weights: dict[str, torch.Tensor]) -> None:
 
 
 def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None, accelerator,
-              fast_dropout: bool, seen_rows: SeenRowsEmbedding | None, graphs: bool, unpadded: bool) -> None:
+              fast_dropout: bool, seen_rows: SeenRowsEmbedding | None, graphs: bool, unpadded: bool,
+              compiled: int) -> None:
     if not accelerator.is_main_process:
         return
     print("resolved config:\n" + "\n".join("  " + line for line in config.to_yaml().splitlines()))
@@ -490,7 +497,8 @@ def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None
           f"precision {_precision(accelerator)}, "
           f"{'fast CPU dropout' if fast_dropout else 'torch dropout'}"
           f"{', steps replayed from CUDA graphs' if graphs else ''}"
-          f"{', attention over unpadded tokens' if unpadded else ''}")
+          f"{', attention over unpadded tokens' if unpadded else ''}"
+          f"{f', {compiled} encoder blocks compiled' if compiled else ''}")
     if seen_rows is not None:
         print(f"embedding: each step updates the {len(seen_rows.seen_ids):,} of {seen_rows.num_embeddings:,} rows whose "
               "tokens occur in the training data (the others' gradients are zero)")
@@ -527,7 +535,9 @@ def _summary(config: RunConfig, data: RunData, counts: dict, state: Progress, st
 
 
 def _wants_fast_dropout(cfg: TrainConfig, accelerator) -> bool:
-    return cfg.fast_dropout is True or (cfg.fast_dropout == "auto" and accelerator.device.type == "cpu")
+    """`auto`: on a CPU, unless compiling (inductor draws its own fused masks; numpy's cannot be traced)."""
+    return cfg.fast_dropout is True or (cfg.fast_dropout == "auto" and accelerator.device.type == "cpu"
+                                        and not cfg.compile)
 
 
 def _unpadded_attention_possible(cfg: TrainConfig, accelerator) -> bool:
