@@ -47,7 +47,7 @@ from peftlab.methods import (
     save_trained,
     store_frozen_linears_in,
 )
-from peftlab.metrics import headline, is_better
+from peftlab.metrics import headline, is_better, load_scorers
 from peftlab.models import load_base
 from peftlab.packed_linear import pack_frozen_linears
 from peftlab.pipeline import RunData, TrainingSetupError, eval_loader, make_accelerator, prepare_data
@@ -286,6 +286,7 @@ def train(config: RunConfig, resume: str | Path | None = None,
     with accelerator.main_process_first():  # the others read the tokens it caches
         data = prepare_data(config)
     names = data.splits.labels.names
+    load_scorers()
     set_seed(config.train.seed)
     model = apply_method(load_base(config.model, data.splits.labels.id2label), config.method)
     graphs = wants_cuda_graphs(config.train.cuda_graphs, graphs_possible, model.config.model_type, config.method.kind)
