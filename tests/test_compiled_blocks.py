@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from peftlab.compiled_blocks import compile_blocks, repeated_blocks
 from peftlab.config import ConfigError
 from peftlab.runs import load_run
 from peftlab.train import train
-from test_cuda_graphs import _dropout_free_model, needs_cuda
+from test_cuda_graphs import _dropout_free_model, assert_trained_alike, needs_cuda
 from test_train import LEARNABLE
 
 
@@ -26,11 +24,6 @@ def test_the_repeated_blocks_are_the_encoder_layers(tiny_models, arch):
     assert all(type(block).__name__.endswith(("Layer", "Block")) for block in blocks)
     keys = list(model.state_dict())
     assert compile_blocks(model) == 2 and list(model.state_dict()) == keys  # checkpoints read the same
-
-
-def _evals(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-            if json.loads(line)["type"] == "eval"]
 
 
 def _compiled_and_eager_runs(make_config, tiny_models, tmp_path, arch, method, **train_options):
@@ -67,12 +60,7 @@ def test_compiled_blocks_train_as_the_eager_ones(make_config, tiny_models, tmp_p
     summaries = {compiled: load_run(run).summary for compiled, run in runs.items()}
     assert summaries[True]["compiled_blocks"] == 2 and summaries[False]["compiled_blocks"] == 0
     assert summaries[True]["fast_dropout"] is False
-    eager, compiled = _evals(runs[False]), _evals(runs[True])
-    assert len(eager) == len(compiled) == 4
-    for a, b in zip(eager, compiled):
-        assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-5)
-        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)
-    assert compiled[-1]["accuracy"] >= 0.7  # it learned, so the comparison means something
+    assert_trained_alike(runs[False], runs[True], evaluations=4, tolerance=1e-5)
 
 
 def test_compiling_the_fast_cpu_dropout_is_refused_in_the_config(make_config):
@@ -86,7 +74,4 @@ def test_compiled_graphed_bf16_steps_train_as_the_eager_ones(make_config, tiny_m
     torch._dynamo.reset()
     runs = _compiled_and_eager_runs(make_config, tiny_models, tmp_path, "distilbert", "lora", precision="bf16")
     assert load_run(runs[True]).summary["cuda_graphs"] is True
-    eager, compiled = _evals(runs[False]), _evals(runs[True])
-    for a, b in zip(eager, compiled):
-        assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=2e-2)  # bf16 rounding, fused differently
-    assert compiled[-1]["accuracy"] >= 0.7
+    assert_trained_alike(runs[False], runs[True], evaluations=4, tolerance=2e-2)  # bf16, rounded where fused

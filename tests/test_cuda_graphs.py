@@ -91,6 +91,16 @@ def _evals(run) -> list[dict]:
             if json.loads(line)["type"] == "eval"]
 
 
+def assert_trained_alike(reference, other, evaluations: int, tolerance: float) -> None:
+    """Two runs of the same training: the same train and eval losses at every evaluation, and learned."""
+    expected, got = _evals(reference), _evals(other)
+    assert len(expected) == len(got) == evaluations
+    for a, b in zip(expected, got):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=tolerance)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=tolerance)
+    assert got[-1]["accuracy"] >= 0.7  # it learned, so the comparison means something
+
+
 @needs_cuda
 @pytest.mark.parametrize("arch,method,grad_accum", [("bert", "lora", 1), ("distilbert", "full", 1),
                                                     ("roberta", "lora", 2)])
@@ -123,12 +133,7 @@ def test_graphed_steps_train_as_eager_steps_do(make_config, tiny_models, tmp_pat
     assert load_run(runs[True]).summary["cuda_graphs"] is True
     assert load_run(runs[False]).summary["cuda_graphs"] is False
     assert len(warmups_per_graph) >= 2 and warmups_per_graph == [2] + [0] * (len(warmups_per_graph) - 1)
-    eager, graphed = _evals(runs[False]), _evals(runs[True])
-    assert len(eager) == len(graphed) == 10
-    for a, b in zip(eager, graphed):
-        assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-4)
-        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
-    assert graphed[-1]["accuracy"] >= 0.7  # it learned, so the comparison means something
+    assert_trained_alike(runs[False], runs[True], evaluations=10, tolerance=1e-4)
 
 
 @needs_cuda
