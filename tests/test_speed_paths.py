@@ -1,6 +1,7 @@
 """CPU speed paths that must not change the task: fast dropout masks, frozen weights stored in bf16 and
 packed for oneDNN, freed memory kept for reuse, clipping folded into the optimizer step."""
 
+import os
 import platform
 import subprocess
 import sys
@@ -155,6 +156,41 @@ def test_freed_memory_is_reused_without_page_faults():
 
     assert faults("default") > 10_000
     assert faults("keep") < 1_000
+
+
+_KERNELS_COMPILED_AGAIN = """
+import os, sys
+from peftlab import environment
+if sys.argv[1] == "more":
+    assert environment.cache_more_cpu_kernels(2048)
+import torch
+weight = torch.ones(64, 64, dtype=torch.bfloat16)
+for round in range(2):  # 1,200 batch sizes, each a kernel of its own, met twice
+    print("round", round, flush=True)
+    for rows in range(1, 1201):
+        torch.ones(rows, 64, dtype=torch.bfloat16) @ weight
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's kernel cache")
+def test_a_larger_kernel_cache_compiles_each_shape_once():
+    """oneDNN's default cache holds 1,024 kernels: meeting 1,200 shapes again compiles them again."""
+    def compiled_in_second_round(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _KERNELS_COMPILED_AGAIN, mode], capture_output=True, text=True,
+                             check=True, env={k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+                             | {"ONEDNN_VERBOSE": "profile_create"})
+        return out.stdout.split("round 1")[1].count("create:cache_miss")
+
+    assert compiled_in_second_round("default") > 1000
+    assert compiled_in_second_round("more") == 0
+
+
+def test_a_kernel_cache_size_the_user_chose_is_kept(monkeypatch):
+    from peftlab import environment
+
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    assert not environment.cache_more_cpu_kernels()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 100.0])  # clips every step; never clips

@@ -280,6 +280,7 @@ def train(config: RunConfig, resume: str | Path | None = None,
         raise TrainingSetupError("train.compile=true is not verified with FSDP sharding; leave it off")
     if accelerator.device.type == "cpu":
         environment.keep_freed_memory()
+        environment.cache_more_cpu_kernels()
     run = RunDir.reserve(config.output, config.method.kind) if accelerator.is_main_process else None
     checkpoint = _checkpoint_to_resume(run, config, resume) if run and resume else None
     checkpoint = _shared_checkpoint(checkpoint, accelerator)
