@@ -28,6 +28,7 @@ from peftlab.checkpoints import (
     save_checkpoint,
 )
 from peftlab.clipping import gradient_clipper
+from peftlab.compiled_blocks import compile_blocks
 from peftlab.config import (
     NOT_EXPERIMENT_KEYS,
     RunConfig,
@@ -37,7 +38,6 @@ from peftlab.config import (
 from peftlab.data import make_loader, set_sampler_epoch
 from peftlab.embedding_rows import SeenRowsEmbedding, follow_optimizer, train_seen_rows_only
 from peftlab.evaluation import evaluate
-from peftlab.compiled_blocks import compile_blocks
 from peftlab.fast_dropout import use_fast_dropout
 from peftlab.finiteness import LaggedCheck, NonFiniteLossError, can_lag, finite_or_skipped
 from peftlab.methods import (
@@ -299,7 +299,8 @@ def train(config: RunConfig, resume: str | Path | None = None,
     sharded = is_sharded(accelerator)
     if autocast_dtype and config.method.kind in CAST_FROZEN_METHODS and not sharded:  # FSDP2 shards one dtype
         store_frozen_linears_in(model, autocast_dtype)
-        if accelerator.device.type == "cpu" and not config.train.compile:  # still on the CPU here, wherever it trains
+        # The model is still on the CPU here, wherever it trains; packed weights are untried under torch.compile.
+        if accelerator.device.type == "cpu" and not config.train.compile:
             pack_frozen_linears(model)  # only frozen bf16 layers on a CPU with oneDNN's bf16 ops
     compiled = compile_blocks(model) if config.train.compile else 0  # compiles at the first step
     counts = count_parameters(model)  # before the seen rows: all of the embedding matrix is trained
