@@ -38,11 +38,11 @@ def predict(model: torch.nn.Module, loader, accelerator) -> Predictions:
     """Logits and per-example losses in row order, gathered across processes: every example once."""
     model.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []
-    for batch in loader:
-        with planless_attention(accelerator.device), run_eagerly():
+    with planless_attention(accelerator.device), run_eagerly():  # once, not per batch
+        for batch in loader:
             logits = model(**model_inputs(batch)).logits.float()
-        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
-        chunks.append(accelerator.gather_for_metrics((logits, batch["labels"], losses, batch["index"])))
+            losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+            chunks.append(accelerator.gather_for_metrics((logits, batch["labels"], losses, batch["index"])))
     logits, labels, losses, index = (torch.cat([c[i] for c in chunks]).cpu().numpy() for i in range(4))
     # Batches come sorted by length: back to row order. Processes pad the last round of batches
     # with repeated rows; gather_for_metrics drops those for samplers it knows, and keeping the
