@@ -220,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     variants = parse_variants(args.variants)
 
     results = []
-    device = environment.hardware().get("gpu") or f"{environment.hardware()['cpu_count']} CPU cores"
+    hardware = environment.hardware()
+    bf16 = {"amx": "AMX", "avx512_bf16": "AVX-512 BF16", None: "no native bf16"}[hardware["cpu_bf16"]]
+    device = hardware.get("gpu") or f"{hardware['cpu_count']} CPU cores ({hardware['cpu']}, {bf16})"
     with tempfile.TemporaryDirectory() as tmp:
         for model in models(args, Path(tmp)):
             for method in args.methods.split(","):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab import environment
 from peftlab.clipping import gradient_clipper
 from peftlab.config import validate_config
 from peftlab.fast_dropout import ATTENTION, FastDropout, keep_mask, use_fast_dropout
@@ -18,6 +19,7 @@ from peftlab.methods import apply_method, store_frozen_linears_in
 from peftlab.models import load_classifier
 from peftlab.packed_linear import PackedFrozenLinear, pack_frozen_linears, packing_available
 from peftlab.pipeline import make_accelerator
+from peftlab.train import _bf16_hint
 
 LABELS = {0: "neg", 1: "pos"}
 
@@ -191,6 +193,26 @@ def test_a_kernel_cache_size_the_user_chose_is_kept(monkeypatch):
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
     assert not environment.cache_more_cpu_kernels()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu avx512f avx512_bf16 amx_bf16 amx_tile", "amx"),
+                                              ("fpu avx512f avx512_bf16 avx512_vnni", "avx512_bf16"),
+                                              ("fpu avx2 fma", None), ("", None)])
+def test_the_cpus_bf16_matrix_support_is_read_from_its_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr(environment, "_cpu_field", lambda name: flags if name == "flags" else "")
+    assert environment.cpu_bf16_matmul() == expected
+    hint = _bf16_hint(expected)
+    assert (hint is None) == (expected is None)
+    if hint:
+        assert "train.precision=bf16" in hint and ("AMX" in hint) == (expected == "amx")
+
+
+def test_the_run_records_the_cpu_it_ran_on():
+    info = environment.hardware()
+    assert info["cpu"] and info["cpu_bf16"] in ("amx", "avx512_bf16", None)
+    if platform.system() == "Linux":
+        with open("/proc/cpuinfo") as cpuinfo:
+            assert info["cpu"] in cpuinfo.read()
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 100.0])  # clips every step; never clips

@@ -170,7 +170,7 @@ class TrainConfig(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the gradient norm to this; null disables clipping."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """`auto`: bf16 autocast on a GPU that has it, fp32 elsewhere (on a CPU with AMX, bf16 is faster)."""
+    """`auto`: bf16 autocast on a GPU that has it, fp32 elsewhere (on a CPU with AMX or AVX-512 BF16, bf16 is faster)."""
     fast_dropout: bool | Literal["auto"] = "auto"
     """Draw dropout masks with peftlab's faster CPU sampler (same rate, another random stream);
     `auto`: on when training on a CPU."""

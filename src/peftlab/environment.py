@@ -28,18 +28,36 @@ def library_versions() -> dict[str, str]:
 
 def hardware() -> dict[str, object]:
     info: dict[str, object] = {"platform": platform.platform(), "processor": platform.machine(),
+                               "cpu": cpu_model(), "cpu_bf16": cpu_bf16_matmul(),
                                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info |= {"gpu": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count()}
     return info
 
 
-def cpu_has_amx_bf16() -> bool:
-    """Whether the CPU multiplies bf16 matrices in AMX tiles (Linux flags), where bf16 autocast pays."""
+def _cpu_field(name: str) -> str:
+    """The first value of `name` in /proc/cpuinfo (Linux), or ''."""
     try:
-        return " amx_bf16" in Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == name:
+                return value.strip()
     except OSError:
-        return False
+        pass
+    return ""
+
+
+def cpu_model() -> str:
+    return _cpu_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_bf16_matmul() -> str | None:
+    """How the CPU multiplies bf16 matrices natively, where bf16 autocast pays: "amx" (Intel AMX
+    tiles), "avx512_bf16" (AVX-512 BF16 dot products, as on AMD EPYC Zen 4), or None."""
+    flags = set(_cpu_field("flags").split())
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else None
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
