@@ -17,7 +17,8 @@ from peftlab.config import validate_config
 from peftlab.fast_dropout import ATTENTION, FastDropout, keep_mask, use_fast_dropout
 from peftlab.methods import apply_method, store_frozen_linears_in
 from peftlab.models import load_classifier
-from peftlab.packed_linear import PackedFrozenLinear, pack_frozen_linears, packing_available
+from peftlab.packed_linear import (PackedFrozenLinear, PackedInferenceLinear, pack_frozen_linears, packed_for_inference,
+                                   packing_available)
 from peftlab.pipeline import make_accelerator
 from peftlab.train import _bf16_hint
 
@@ -132,6 +133,31 @@ def test_packed_linear_falls_back_outside_cpu_bf16_autocast():
         pytest.skip("no oneDNN bf16 on this CPU")
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))  # no autocast: nn.Linear's path
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_evaluation_with_packed_weights_gives_what_autocast_gives_and_leaves_the_layers_as_they_were(tiny_models, arch):
+    """Full fine-tuning's fp32 linear layers packed in bf16 for an evaluation: the logits of autocast's
+    bf16 matmuls; afterwards the same layers, parameters and state dict; with gradients on, nn.Linear's path."""
+    if not packing_available():
+        pytest.skip("no oneDNN bf16 on this CPU")
+    torch.manual_seed(0)
+    model = load_classifier(str(tiny_models[arch]), LABELS).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    inputs = _batch()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(**inputs).logits.float()
+        with packed_for_inference(model) as packed:
+            assert packed == len(linears) and all(type(m) is PackedInferenceLinear for m in linears)
+            got = model(**inputs).logits.float()
+    assert torch.allclose(got, expected, rtol=1e-2, atol=1e-3)
+    assert all(type(m) is nn.Linear and not hasattr(m, "packed_weight") for m in linears)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with packed_for_inference(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**inputs, labels=torch.tensor([0, 1, 0, 1, 1, 0])).loss.backward()
+    assert all(m.weight.grad is not None for m in linears)
 
 
 _FAULTS_PER_REALLOCATION = """

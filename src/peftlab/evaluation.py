@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from peftlab.attention_kernels import planless_attention
 from peftlab.compiled_blocks import run_eagerly
 from peftlab.metrics import classification_metrics
+from peftlab.packed_linear import packed_for_inference
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -38,7 +40,9 @@ def predict(model: torch.nn.Module, loader, accelerator) -> Predictions:
     """Logits and per-example losses in row order, gathered across processes: every example once."""
     model.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []
-    with planless_attention(accelerator.device), run_eagerly():  # once, not per batch
+    packed = accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16"
+    with planless_attention(accelerator.device), run_eagerly(), \
+            packed_for_inference(model) if packed else nullcontext():  # once, not per batch
         for batch in loader:
             logits = model(**model_inputs(batch)).logits.float()
             losses = F.cross_entropy(logits, batch["labels"], reduction="none")
