@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     hardware = environment.hardware()
-    bf16 = {"amx": "AMX", "avx512_bf16": "AVX-512 BF16", None: "no native bf16"}[hardware["cpu_bf16"]]
+    bf16 = environment.BF16_MATMUL_NAMES.get(hardware["cpu_bf16"], "no native bf16")
     device = hardware.get("gpu") or f"{hardware['cpu_count']} CPU cores ({hardware['cpu']}, {bf16})"
     with tempfile.TemporaryDirectory() as tmp:
         for model in models(args, Path(tmp)):

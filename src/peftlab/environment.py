@@ -51,6 +51,9 @@ def cpu_model() -> str:
     return _cpu_field("model name") or platform.processor() or platform.machine()
 
 
+BF16_MATMUL_NAMES = {"amx": "Intel AMX", "avx512_bf16": "AVX-512 BF16"}  # cpu_bf16_matmul()'s answers, for people
+
+
 def cpu_bf16_matmul() -> str | None:
     """How the CPU multiplies bf16 matrices natively, where bf16 autocast pays: "amx" (Intel AMX
     tiles), "avx512_bf16" (AVX-512 BF16 dot products, as on AMD EPYC Zen 4), or None."""

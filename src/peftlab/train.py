@@ -68,7 +68,7 @@ RESUMABLE_CHANGES = NOT_EXPERIMENT_KEYS | {"train.checkpoint_every", "train.chec
 
 
 # bf16 autocast over fp32 in the CPU benchmark (bench/RESULTS.md), by the CPU's bf16 matrix instructions.
-BF16_CPU_GAIN = {"amx": ("Intel AMX", "1.4x"), "avx512_bf16": ("AVX-512 BF16", "1.4-1.6x")}
+BF16_CPU_GAIN = {"amx": "1.4x", "avx512_bf16": "1.4-1.6x"}
 
 # Methods whose frozen linear weights are only ever read by autocast matmuls (DoRA also takes their norms).
 CAST_FROZEN_METHODS = {"head", "lora", "loraplus", "ia3"}
@@ -508,10 +508,8 @@ def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None
     if seen_rows is not None:
         print(f"embedding: each step updates the {len(seen_rows.seen_ids):,} of {seen_rows.num_embeddings:,} rows whose "
               "tokens occur in the training data (the others' gradients are zero)")
-    hint = _bf16_hint(environment.cpu_bf16_matmul()) if accelerator.device.type == "cpu" and \
-        _precision(accelerator) == "fp32" else None
-    if hint:
-        print(hint)
+    if accelerator.device.type == "cpu" and _precision(accelerator) == "fp32" and environment.cpu_bf16_matmul():
+        print(_bf16_hint(environment.cpu_bf16_matmul()))
     cfg = config.train
     print(f"batch: {cfg.batch_size} per process x {accelerator.num_processes} process(es) x {cfg.grad_accum} "
           f"accumulation step(s) = {_effective_batch(cfg, accelerator)} examples per optimizer step")
@@ -525,8 +523,9 @@ def _bf16_hint(cpu_bf16: str | None) -> str | None:
     """Where the CPU multiplies bf16 natively, the speed fp32 leaves unused (bench/RESULTS.md)."""
     if cpu_bf16 is None:
         return None
-    return (f"hint: this CPU multiplies bf16 matrices natively ({BF16_CPU_GAIN[cpu_bf16][0]}); train.precision=bf16 "
-            f"trained {BF16_CPU_GAIN[cpu_bf16][1]} faster at the same F1 in peftlab's benchmark (bench/RESULTS.md)")
+    return (f"hint: this CPU multiplies bf16 matrices natively ({environment.BF16_MATMUL_NAMES[cpu_bf16]}); "
+            f"train.precision=bf16 trained {BF16_CPU_GAIN[cpu_bf16]} faster at the same F1 in peftlab's benchmark "
+            "(bench/RESULTS.md)")
 
 
 def _summary(config: RunConfig, data: RunData, counts: dict, state: Progress, started_at: str, accelerator) -> dict:
