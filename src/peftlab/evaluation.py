@@ -14,6 +14,7 @@ from peftlab.attention_kernels import planless_attention
 from peftlab.compiled_blocks import run_eagerly
 from peftlab.metrics import classification_metrics
 from peftlab.packed_linear import packed_for_inference
+from peftlab.packed_tokens import packed_tokens
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -40,9 +41,10 @@ def predict(model: torch.nn.Module, loader, accelerator) -> Predictions:
     """Logits and per-example losses in row order, gathered across processes: every example once."""
     model.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []
-    packed = accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16"
+    on_cpu = accelerator.device.type == "cpu"
     with planless_attention(accelerator.device), run_eagerly(), \
-            packed_for_inference(model) if packed else nullcontext():  # once, not per batch
+            packed_for_inference(model) if on_cpu and accelerator.mixed_precision == "bf16" else nullcontext(), \
+            packed_tokens(accelerator.unwrap_model(model)) if on_cpu else nullcontext():  # once, not per batch; GPUs untried
         for batch in loader:
             logits = model(**model_inputs(batch)).logits.float()
             losses = F.cross_entropy(logits, batch["labels"], reduction="none")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from peftlab.attention_kernels import planless_attention
+from peftlab.packed_tokens import packed_tokens
 
 
 def padded_inputs(tokenizer, ids: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -48,11 +50,12 @@ class Classifier:
         ids = self.encode(texts)
         order = np.argsort([-len(x) for x in ids], kind="stable")
         out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            with planless_attention(self.device):
+        with planless_attention(self.device), \
+                packed_tokens(self.model) if self.device.type == "cpu" else nullcontext():  # tried on CPUs only
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
                 logits = self.model(**padded_inputs(self.tokenizer, [ids[i] for i in rows], self.device)).logits
-            out[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+                out[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         return out
 
     def label_rows(self, probabilities: np.ndarray) -> list[dict[str, Any]]:

@@ -1,0 +1,123 @@
+"""Inference over a batch's real tokens only: the encoder's layers run on its texts' tokens packed
+into one row, without padding.
+
+Sorted evaluation still pads each batch to its longest text: on the tweets, batches of 64 are 16%
+padding, most of it in the long tail's batch. A layer's linear products, GELU and layer norms (about
+85% of a CPU evaluation) work on each token alone, so here they see the real tokens only. Attention
+alone needs the texts apart: it puts q, k and v back into the padded layout, attends under the
+padding mask as before, and packs its output again (a gather and a scatter of the batch's tokens,
+small next to the products). It is padding-free ("varlen") inference, done around the attention
+kernel because the CPU has no variable-length one. Every real token gets the numbers it would get
+padded, up to the products' summation order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from peftlab.attention_kernels import ATTENTION_MODELS
+
+ATTENTION = "peftlab_packed_tokens"
+# attention implementations whose inference is SDPA with the padding mask (fast_dropout.py's trains
+# differently and evaluates with SDPA)
+_SDPA_AT_INFERENCE = ("sdpa", "peftlab_cpu_train")
+
+
+class _Batch(threading.local):
+    """The batch now packed: its real tokens' positions in the flat [rows x width] layout."""
+
+    index: torch.Tensor | None = None
+    rows: int = 0
+    width: int = 0
+
+
+_batch = _Batch()
+
+
+def _encoder_layers(encoder: nn.Module) -> nn.ModuleList | None:
+    count = getattr(encoder.config, "num_hidden_layers", None)
+    return next((m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m) == count), None)
+
+
+def _pack(layer, args, kwargs):
+    """Before the first layer: [rows, width, hidden] to the real tokens as one row [1, tokens, hidden]."""
+    mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+    if len(args) == 0 or mask is None or mask.dim() != 2:
+        _batch.index = None
+        return None
+    hidden = args[0]
+    _batch.rows, _batch.width = mask.shape
+    _batch.index = mask.reshape(-1).nonzero().squeeze(1)
+    packed = hidden.reshape(-1, hidden.shape[-1]).index_select(0, _batch.index).unsqueeze(0)
+    return (packed, *args[1:]), kwargs
+
+
+def _unpack(layer, args, kwargs, output):
+    """After the last layer: back to [rows, width, hidden], padding positions zero (no head reads them)."""
+    if _batch.index is None:
+        return None
+    flat = output.new_zeros(_batch.rows * _batch.width, output.shape[-1]).index_copy_(0, _batch.index, output[0])
+    _batch.index = None
+    return flat.view(_batch.rows, _batch.width, -1)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
+    """transformers' AttentionInterface signature; q, k, v are [1, heads, tokens, head_dim] while a
+    batch is packed, `attention_mask` its 2D padding mask."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    index = _batch.index
+    mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+    if index is None or query.shape[0] != 1 or query.shape[2] != len(index):  # not packed: as before
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        tokens = x[0].transpose(0, 1)  # [tokens, heads, head_dim]
+        flat = tokens.new_zeros(_batch.rows * _batch.width, *tokens.shape[1:]).index_copy_(0, index, tokens)
+        return flat.view(_batch.rows, _batch.width, *tokens.shape[1:]).transpose(1, 2)
+
+    output, _ = sdpa_attention_forward(module, padded(query), padded(key), padded(value), mask, scaling=scaling,
+                                       dropout=dropout, **kwargs)  # [rows, width, heads, head_dim]
+    return output.reshape(-1, *output.shape[2:]).index_select(0, index).unsqueeze(0), None
+
+
+def padding_mask_only(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                      attention_mask=None, **kwargs):
+    """transformers' mask interface: the 2D padding mask as it came (None without one)."""
+    return attention_mask
+
+
+@contextmanager
+def packed_tokens(model: nn.Module) -> Iterator[bool]:
+    """Within the block, inference of `model` (one of ATTENTION_MODELS with SDPA at inference, a PEFT
+    model's base too) runs its encoder layers on real tokens only (see the module's docstring); yields
+    whether it does. Afterwards the model is as it was. Not for training: the gradients would be
+    right, but the explicit attention that training on a CPU uses is left out here."""
+    encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(encoder, "config", None)
+    layers = _encoder_layers(encoder) if config is not None and config.model_type in ATTENTION_MODELS \
+        and config._attn_implementation in _SDPA_AT_INFERENCE else None
+    if layers is None or len(layers) == 0:
+        yield False
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, _attention)
+    AttentionMaskInterface.register(ATTENTION, padding_mask_only)
+    before = config._attn_implementation
+    hooks = [layers[0].register_forward_pre_hook(_pack, with_kwargs=True),
+             layers[-1].register_forward_hook(_unpack, with_kwargs=True)]
+    encoder.set_attn_implementation(ATTENTION)
+    try:
+        yield True
+    finally:
+        for hook in hooks:
+            hook.remove()
+        encoder.set_attn_implementation(before)
+        _batch.index = None

@@ -1,0 +1,85 @@
+"""Inference on real tokens only (packed_tokens.py): the same logits as the padded batch, with the
+encoder's layers seeing no padding, and the model as it was afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftlab.config import LoraMethod
+from peftlab.fast_dropout import use_fast_dropout
+from peftlab.methods import apply_method
+from peftlab.models import load_classifier
+from peftlab.packed_tokens import _encoder_layers, packed_tokens
+
+LABELS = {0: "neg", 1: "pos", 2: "mixed"}
+
+
+def _padded_batch():
+    torch.manual_seed(1)
+    lengths = [12, 3, 9, 12, 1, 7]  # a full row, one of a single token, the rest between
+    mask = (torch.arange(12)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": torch.randint(5, 50, (6, 12)) * mask, "attention_mask": mask}, sum(lengths)
+
+
+def _model(tiny_models, arch: str, variant: str):
+    torch.manual_seed(0)
+    model = load_classifier(str(tiny_models[arch]), LABELS)
+    if variant == "lora":
+        model = apply_method(model, LoraMethod(kind="lora", r=4, alpha=8, targets="all-linear"))
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # trained adapters are not zero
+                torch.nn.init.normal_(parameter, std=0.1)
+    if variant == "fast-dropout":
+        use_fast_dropout(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch,variant", [("bert", "plain"), ("distilbert", "plain"), ("roberta", "plain"),
+                                          ("bert", "lora"), ("distilbert", "fast-dropout")])
+def test_packed_tokens_give_the_padded_batchs_logits_without_padding_in_the_layers(tiny_models, arch, variant):
+    model = _model(tiny_models, arch, variant)
+    inputs, real_tokens = _padded_batch()
+    encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = _encoder_layers(encoder)
+    attention = encoder.config._attn_implementation
+    seen = []
+    layers[-1].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    with torch.inference_mode():
+        expected = model(**inputs).logits
+        with packed_tokens(model) as packed:
+            assert packed
+            got = model(**inputs).logits
+    assert seen[0] == (6, 12, encoder.config.hidden_size if arch != "distilbert" else encoder.config.dim)
+    assert seen[1] == (1, real_tokens, seen[0][-1])  # the last layer's input: real tokens only
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # afterwards: the same attention, no hooks of ours, the same logits
+    assert encoder.config._attn_implementation == attention
+    assert not layers[0]._forward_pre_hooks and len(layers[-1]._forward_pre_hooks) == 1
+    assert not layers[-1]._forward_hooks
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+
+
+def test_packed_tokens_under_bf16_autocast_agree_with_the_padded_batch(tiny_models):
+    model = _model(tiny_models, "bert", "lora")
+    inputs, _ = _padded_batch()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(**inputs).logits.float()
+        with packed_tokens(model):
+            got = model(**inputs).logits.float()
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16 products, another summation order
+
+
+def test_without_a_padding_mask_or_with_another_attention_nothing_is_packed(tiny_models):
+    model = _model(tiny_models, "bert", "plain")
+    inputs, _ = _padded_batch()
+    full_rows = {"input_ids": inputs["input_ids"].clamp(min=5)}  # no mask: every position is a token
+    with torch.inference_mode():
+        expected = model(**full_rows).logits
+        with packed_tokens(model) as packed:
+            assert packed
+            torch.testing.assert_close(model(**full_rows).logits, expected, rtol=1e-5, atol=1e-5)
+    deberta = _model(tiny_models, "deberta-v2", "plain")  # relative positions: its own attention
+    with packed_tokens(deberta) as packed:
+        assert not packed
