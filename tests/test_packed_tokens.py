@@ -71,15 +71,19 @@ def test_packed_tokens_under_bf16_autocast_agree_with_the_padded_batch(tiny_mode
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16 products, another summation order
 
 
-def test_without_a_padding_mask_or_with_another_attention_nothing_is_packed(tiny_models):
+def test_without_padding_or_with_another_attention_nothing_is_packed(tiny_models):
     model = _model(tiny_models, "bert", "plain")
     inputs, _ = _padded_batch()
-    full_rows = {"input_ids": inputs["input_ids"].clamp(min=5)}  # no mask: every position is a token
+    ids = inputs["input_ids"].clamp(min=5)
+    seen = []
+    _encoder_layers(model)[-1].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
     with torch.inference_mode():
-        expected = model(**full_rows).logits
+        expected = model(input_ids=ids).logits
         with packed_tokens(model) as packed:
             assert packed
-            torch.testing.assert_close(model(**full_rows).logits, expected, rtol=1e-5, atol=1e-5)
+            for full_rows in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+                torch.testing.assert_close(model(**full_rows).logits, expected, rtol=1e-5, atol=1e-5)
+    assert seen == [(6, 12, 32)] * 3  # no mask, or one without padding: the batch as it came
     deberta = _model(tiny_models, "deberta-v2", "plain")  # relative positions: its own attention
     with packed_tokens(deberta) as packed:
         assert not packed

@@ -47,7 +47,7 @@ def _encoder_layers(encoder: nn.Module) -> nn.ModuleList | None:
 def _pack(layer, args, kwargs):
     """Before the first layer: [rows, width, hidden] to the real tokens as one row [1, tokens, hidden]."""
     mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-    if len(args) == 0 or mask is None or mask.dim() != 2:
+    if len(args) == 0 or mask is None or mask.dim() != 2 or bool(mask.all()):  # nothing to leave out
         _batch.index = None
         return None
     hidden = args[0]
