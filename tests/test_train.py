@@ -74,6 +74,29 @@ def test_same_seed_same_results_other_seed_other_results(make_config, tmp_path):
     assert bests[0] == bests[1] != bests[2]
 
 
+def test_a_run_first_frees_what_earlier_runs_left_in_reference_cycles(make_config):
+    """A study runs many runs in one process; garbage in reference cycles (a finished run's model
+    among it) would otherwise live until Python's next full collection, counted in the next run's
+    memory."""
+    import gc
+    import weakref
+
+    class Leftover:
+        pass
+
+    leftover = Leftover()
+    leftover.cycle, leftover.weights = leftover, torch.zeros(1 << 16)
+    freed = weakref.ref(leftover)
+    del leftover
+    seen = []
+    gc.disable()  # only an explicit collection can free it now
+    try:
+        train(make_config("bert", train={"epochs": 1}), after_eval=lambda record: seen.append(freed() is None))
+    finally:
+        gc.enable()
+    assert seen == [True]
+
+
 def test_gradient_accumulation_matches_the_larger_batch(make_config, tiny_models, tmp_path):
     from conftest import tiny_config
     from transformers import AutoModel

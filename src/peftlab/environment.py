@@ -79,6 +79,16 @@ def keep_freed_memory(top_limit_mb: int = 512) -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, top_limit_mb << 20))
 
 
+def release_freed_memory() -> bool:
+    """Hand the heap's free memory back to the kernel (glibc's malloc_trim), so that the resident
+    size is what live objects use: a run started after others in one process then measures its own
+    peak, not the free memory the earlier runs left kept by `keep_freed_memory`. False off glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    ctypes.CDLL(None).malloc_trim(0)
+    return True
+
+
 def cache_more_cpu_kernels(capacity: int = 8192) -> bool:
     """Let oneDNN keep `capacity` compiled CPU kernels (its default 1,024). Each batch length brings
     kernels of its own, and a LoRA epoch on tweets (about 80 lengths) made about 1,100: the cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import threading
@@ -275,6 +276,12 @@ def train(config: RunConfig, resume: str | Path | None = None,
 
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
+    # A finished run's model and optimizer stay in reference cycles (its closures, and the frames of
+    # imports it made that libraries keep with their exceptions) until Python's next full collection:
+    # a study's or a search's process held each run's memory into the next and reported it as the
+    # next run's. Collected and handed back here, before this run measures its peak.
+    gc.collect()
+    environment.release_freed_memory()
     environment.reset_peak_memory()
     accelerator = make_accelerator(config.train)
     graphs_possible = cuda_graphs_possible(config.train.cuda_graphs, accelerator, is_sharded(accelerator))
