@@ -30,13 +30,21 @@ def planless_attention(device: torch.device | str) -> Iterator[None]:
         yield
 
 
-def give_attention(model: nn.Module, name: str, attention, make_mask) -> bool:
+def padding_mask_only(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                      attention_mask=None, **kwargs):
+    """transformers' mask interface for attention functions that take the rows' 2D padding mask
+    itself: the mask as it came (None without one)."""
+    return attention_mask
+
+
+def give_attention(model: nn.Module, name: str, attention, make_mask, replacing: tuple[str, ...] = ("sdpa",)) -> bool:
     """Register `attention` and the mask builder it expects (transformers' AttentionInterface and
     AttentionMaskInterface) under `name`, and give them to `model` if it is one of ATTENTION_MODELS
-    running SDPA (a PEFT model's base model too); returns whether it got them."""
+    running one of the attention implementations `replacing` (a PEFT model's base model too);
+    returns whether it got them."""
     encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(encoder, "config", None)
-    if config is None or config.model_type not in ATTENTION_MODELS or config._attn_implementation != "sdpa":
+    if config is None or config.model_type not in ATTENTION_MODELS or config._attn_implementation not in replacing:
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface

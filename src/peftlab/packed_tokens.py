@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from peftlab.attention_kernels import ATTENTION_MODELS
+from peftlab.attention_kernels import give_attention, padding_mask_only
 
 ATTENTION = "peftlab_packed_tokens"
 # attention implementations whose inference is SDPA with the padding mask (fast_dropout.py's trains
@@ -86,12 +86,6 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout:
     return output.reshape(-1, *output.shape[2:]).index_select(0, index).unsqueeze(0), None
 
 
-def padding_mask_only(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                      attention_mask=None, **kwargs):
-    """transformers' mask interface: the 2D padding mask as it came (None without one)."""
-    return attention_mask
-
-
 @contextmanager
 def packed_tokens(model: nn.Module) -> Iterator[bool]:
     """Within the block, inference of `model` (one of ATTENTION_MODELS with SDPA at inference, a PEFT
@@ -99,21 +93,13 @@ def packed_tokens(model: nn.Module) -> Iterator[bool]:
     whether it does. Afterwards the model is as it was. Not for training: the gradients would be
     right, but the explicit attention that training on a CPU uses is left out here."""
     encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(encoder, "config", None)
-    layers = _encoder_layers(encoder) if config is not None and config.model_type in ATTENTION_MODELS \
-        and config._attn_implementation in _SDPA_AT_INFERENCE else None
-    if layers is None or len(layers) == 0:
+    before = getattr(getattr(encoder, "config", None), "_attn_implementation", None)
+    layers = _encoder_layers(encoder) if before is not None else None
+    if not layers or not give_attention(model, ATTENTION, _attention, padding_mask_only, replacing=_SDPA_AT_INFERENCE):
         yield False
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ATTENTION, _attention)
-    AttentionMaskInterface.register(ATTENTION, padding_mask_only)
-    before = config._attn_implementation
     hooks = [layers[0].register_forward_pre_hook(_pack, with_kwargs=True),
              layers[-1].register_forward_hook(_unpack, with_kwargs=True)]
-    encoder.set_attn_implementation(ATTENTION)
     try:
         yield True
     finally:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftlab.attention_kernels import give_attention
+from peftlab.attention_kernels import give_attention, padding_mask_only
 
 ATTENTION = "peftlab_unpadded"
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -66,12 +66,6 @@ def unpadded_attention(module, query, key, value, attention_mask, scaling=None, 
     output = torch.ops.aten._flash_attention_forward(*flat, bounds, bounds, width, width, dropout, False, False,
                                                      scale=scaling)[0]
     return output.view(rows, width, heads, head_dim), None
-
-
-def padding_mask_only(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                      attention_mask=None, **kwargs):
-    """transformers' mask interface: the 2D boolean padding mask as it came (None without one)."""
-    return attention_mask
 
 
 def use_unpadded_attention(model: nn.Module) -> bool:
