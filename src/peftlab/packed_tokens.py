@@ -20,12 +20,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from peftlab import fast_dropout
 from peftlab.attention_kernels import give_attention, padding_mask_only
 
 ATTENTION = "peftlab_packed_tokens"
-# attention implementations whose inference is SDPA with the padding mask (fast_dropout.py's trains
+# attention implementations whose inference is SDPA with the padding mask (fast_dropout's trains
 # differently and evaluates with SDPA)
-_SDPA_AT_INFERENCE = ("sdpa", "peftlab_cpu_train")
+_SDPA_AT_INFERENCE = ("sdpa", fast_dropout.ATTENTION)
 
 
 class _Batch(threading.local):
