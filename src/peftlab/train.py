@@ -515,8 +515,10 @@ def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None
     if seen_rows is not None:
         print(f"embedding: each step updates the {len(seen_rows.seen_ids):,} of {seen_rows.num_embeddings:,} rows whose "
               "tokens occur in the training data (the others' gradients are zero)")
-    if accelerator.device.type == "cpu" and _precision(accelerator) == "fp32" and environment.cpu_bf16_matmul():
-        print(_bf16_hint(environment.cpu_bf16_matmul()))
+    hint = _bf16_hint(environment.cpu_bf16_matmul()) \
+        if accelerator.device.type == "cpu" and _precision(accelerator) == "fp32" else None
+    if hint:
+        print(hint)
     cfg = config.train
     print(f"batch: {cfg.batch_size} per process x {accelerator.num_processes} process(es) x {cfg.grad_accum} "
           f"accumulation step(s) = {_effective_batch(cfg, accelerator)} examples per optimizer step")
