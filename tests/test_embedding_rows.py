@@ -131,3 +131,11 @@ def test_a_full_run_reports_the_rows_it_trained(make_config, rows):
     assert (summary["seen_embedding_rows"] is not None) == rows
     if rows:
         assert 2 < summary["seen_embedding_rows"] < 53
+
+
+def test_seen_rows_and_cuda_graphs_are_refused_together_before_any_work():
+    """The seen rows check each batch's token ids on the host, which no CUDA graph can record."""
+    with pytest.raises(ValueError, match="cuda_graphs=true cannot record the seen embedding rows"):
+        validate_config({"data": {"source": "tweets"}, "train": {"cuda_graphs": True, "seen_embedding_rows": True}})
+    for setting in ("auto", False):
+        validate_config({"data": {"source": "tweets"}, "train": {"cuda_graphs": True, "seen_embedding_rows": setting}})

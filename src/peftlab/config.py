@@ -177,7 +177,7 @@ class TrainConfig(_Strict):
     seen_embedding_rows: bool | Literal["auto"] = "auto"
     """Full fine-tuning: update only the input-embedding rows of tokens in the training data (the same
     result: the other rows' gradients are zero), sparing each step the whole vocabulary's gradient and
-    optimizer update; `auto`: on when training on a CPU."""
+    optimizer update; `auto`: on when training on a CPU. On a GPU its steps run without CUDA graphs."""
     cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay each step's forward and backward passes from CUDA graphs, recorded once per batch
     shape (batches padded to lengths in steps of 64 tokens); `auto`: on for one process on a CUDA GPU
@@ -217,6 +217,14 @@ class TrainConfig(_Strict):
             raise ValueError("give train.warmup_steps or train.warmup_ratio, not both")
         if self.warmup_steps is None and self.warmup_ratio is None:
             self.warmup_ratio = DEFAULT_WARMUP_RATIO
+        return self
+
+    @model_validator(mode="after")
+    def _graphs_without_seen_rows(self) -> "TrainConfig":
+        if self.cuda_graphs is True and self.seen_embedding_rows is True:
+            raise ValueError("train.cuda_graphs=true cannot record the seen embedding rows of "
+                             "train.seen_embedding_rows=true (they check each batch's token ids on the host); "
+                             "leave one of them at auto")
         return self
 
     @model_validator(mode="after")

@@ -92,15 +92,20 @@ class GraphedPasses(EagerPasses):
         first shape needs warm-up passes: later ones find everything initialised, and a pass per
         shape made recording cost 0.5 s more in a fresh process on an H100 (bench/RESULTS.md); compiled
         blocks get one, in case a shape makes them compile. The warm-up passes add to the gradients,
-        which are put back as they were (mid-accumulation)."""
+        which are put back as they were (mid-accumulation), and so is the random generator their dropout
+        drew from: a run's random stream is then its steps' alone, and a run resumed from a checkpoint
+        (whose first step records again) draws what the uninterrupted run drew. A recording draws
+        nothing; each replay advances the generator as the same step run op by op would."""
         inputs = {name: tensor.clone() for name, tensor in batch.items()}
         grads = [param.grad.clone() for param in self.params]
+        random_state = torch.cuda.get_rng_state()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmups):
                 self._passes(inputs)
         torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.set_rng_state(random_state)
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the loader's pinning may allocate host memory from another thread meanwhile

@@ -300,7 +300,6 @@ def train(config: RunConfig, resume: str | Path | None = None,
     load_scorers()
     set_seed(config.train.seed)
     model = apply_method(load_base(config.model, data.splits.labels.id2label), config.method)
-    graphs = wants_cuda_graphs(config.train.cuda_graphs, graphs_possible, model.config.model_type, config.method.kind)
     fast_dropout = _wants_fast_dropout(config.train, accelerator)
     if fast_dropout:
         use_fast_dropout(model)
@@ -316,6 +315,10 @@ def train(config: RunConfig, resume: str | Path | None = None,
     counts = count_parameters(model)  # before the seen rows: all of the embedding matrix is trained
     seen_rows = train_seen_rows_only(model, data.train.input_ids) if _wants_seen_rows(config.train, accelerator) \
         else None
+    # The seen rows check each batch's token ids on the host, which a CUDA graph cannot record (and a
+    # failed recording leaves torch's CUDA random generator unusable for the rest of the process).
+    graphs = seen_rows is None and wants_cuda_graphs(config.train.cuda_graphs, graphs_possible,
+                                                     model.config.model_type, config.method.kind)
     run = run.create(resuming=checkpoint is not None) if run else None
     _announce(config, data, counts, run, accelerator, fast_dropout, seen_rows, graphs, unpadded, compiled)
     if run and not checkpoint:
