@@ -28,6 +28,31 @@ def run(raw: dict) -> dict:
     return load_run(train(validate_config(raw))).summary
 
 
+# Kernel families by name (cuBLAS's Hopper GEMMs are "nvjet" kernels; casts are copy kernels).
+# Attention first: flash kernels' names hold cutlass types too.
+KERNEL_FAMILIES = (("attention", ("flash", "fmha")), ("matrix products", ("gemm", "nvjet", "cutlass", "xmma", "splitk")),
+                   ("dtype casts and copies", ("copy",)), ("layer norm", ("layer_norm",)),
+                   ("dropout", ("dropout", "bernoulli", "philox")), ("reductions", ("reduce",)),
+                   ("optimizer", ("adam", "multi_tensor", "foreach")))
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    return next((family for family, marks in KERNEL_FAMILIES if any(m in lowered for m in marks)), "other element-wise")
+
+
+def family_shares(events) -> dict[str, float]:
+    """GPU seconds by kernel family, from the profiler's kernels."""
+    from torch.autograd import DeviceType
+
+    seconds: dict[str, float] = {}
+    for event in events:
+        if event.device_type == DeviceType.CUDA:
+            family = kernel_family(event.key)
+            seconds[family] = seconds.get(family, 0.0) + event.self_device_time_total / 1e6
+    return dict(sorted(seconds.items(), key=lambda item: -item[1]))
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
@@ -51,11 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     gpu_seconds = sum(e.self_device_time_total for e in events) / 1e6
     print(f"cold run: {cold['train_seconds']:.2f} s training; profiled warm run: {warm['train_seconds']:.2f} s "
           f"training over {warm['steps']} steps, {gpu_seconds:.2f} s of GPU kernels (evaluation included)")
+    families = family_shares(events)
+    total = sum(families.values()) or 1.0
+    print("GPU time by kernel family: " + "; ".join(f"{name} {sec:.2f} s ({sec / total:.0%})"
+                                                   for name, sec in families.items()))
     by_gpu = events.table(sort_by="self_cuda_time_total", row_limit=30)
     by_host = events.table(sort_by="self_cpu_time_total", row_limit=30)
     path = args.out / f"profile-{args.arch}-{args.method}.txt"
     path.write_text(by_gpu + "\n\n" + by_host + "\n", encoding="utf-8")
-    print(by_gpu)
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: -e.self_device_time_total)
+    for event in kernels[:25]:
+        print(f"{event.self_device_time_total / 1e6:8.3f} s {event.count:7d}x  {event.key[:110]}")
     print(f"full tables: {path}")
     return 0
 
