@@ -86,6 +86,31 @@ def test_a_mixed_batch_equals_single_adapter_calls_row_for_row(runs, arch):
     assert {len(p) for p in got} == {2, 3}
 
 
+
+def test_one_adapter_passes_run_on_real_tokens_only_and_mixed_ones_by_row(runs):
+    """On a CPU a pass through one adapter packs the texts' tokens (packed_tokens.py): the same answers
+    as the padded pass; a pass of mixed adapters keeps its rows, which peft routes one by one."""
+    import torch
+
+    from peftlab.inference import padded_inputs
+
+    served = ServedModel.from_adapters([("two", runs["bert", "two"]), ("three", runs["bert", "three"])], device="cpu")
+    last_layer = served.model.get_base_model().bert.encoder.layer[-1]
+    seen = []
+    last_layer.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[:2])))
+    ids = served.tokenizer(TEXTS)["input_ids"]
+    got = served.probabilities(ids, ["three"] * len(TEXTS))
+    assert seen == [(1, sum(len(x) for x in ids))]  # one row of real tokens
+    served.model.set_adapter(served.adapters["three"].key)
+    with torch.inference_mode():
+        padded = served.model(**padded_inputs(served.tokenizer, ids, served.device)).logits
+    assert np.allclose(np.stack(got), torch.softmax(padded, dim=-1).numpy(), atol=1e-5)
+
+    seen.clear()
+    served.probabilities(ids, ["two", "three"] * 2 + ["two"])
+    assert seen == [(len(TEXTS), max(len(x) for x in ids))]  # rows, padded
+
+
 def test_adapters_on_another_base_or_with_bad_names_are_refused_before_loading(runs, tiny_models, tmp_path):
     with pytest.raises(ServeError, match="trained on"):
         ServedModel.from_adapters([("a", runs["bert", "two"]), ("b", runs["roberta", "two"])])

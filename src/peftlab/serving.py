@@ -12,6 +12,7 @@ import copy
 import re
 import types
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from peftlab.attention_kernels import planless_attention
+from peftlab.packed_tokens import packed_tokens
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -140,26 +142,34 @@ class ServedModel:
         from peftlab.inference import padded_inputs
 
         inputs = padded_inputs(self.tokenizer, ids, self.device)
-        groups = self._groups(adapters)
         out: list[np.ndarray] = [np.empty(0)] * len(ids)
-        for rows, adapter_names in groups:
-            sub = {k: v[rows] for k, v in inputs.items()}
-            if adapter_names is not None:
-                logits = self.model(**sub, adapter_names=[self.adapters[a].key for a in adapter_names]).logits
-            else:
-                if self.peft:
-                    self.model.set_adapter(self.adapters[adapters[rows[0]]].key)
-                logits = self.model(**sub).logits
-            probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-            for row, p in zip(rows, probs):
+
+        def answer(rows: list[int], logits: torch.Tensor) -> None:
+            for row, p in zip(rows, torch.softmax(logits.float(), dim=-1).cpu().numpy()):
                 out[row] = p[: len(self.adapters[adapters[row]].labels)]
+
+        groups = self._groups(adapters)
+        for rows, adapter_names in groups:
+            if adapter_names is not None:  # peft splits these by row: no packed tokens
+                sub = {k: v[rows] for k, v in inputs.items()}
+                answer(rows, self.model(**sub, adapter_names=[self.adapters[a].key for a in adapter_names]).logits)
+        # One adapter a pass: on a CPU its layers run on the real tokens only (packed_tokens.py)
+        with packed_tokens(self.model) if self.device.type == "cpu" else nullcontext():
+            for rows, adapter_names in groups:
+                if adapter_names is None:
+                    if self.peft and self.model.active_adapter != (key := self.adapters[adapters[rows[0]]].key):
+                        self.model.set_adapter(key)
+                    answer(rows, self.model(**{k: v[rows] for k, v in inputs.items()}).logits)
         return out
 
     def _groups(self, adapters: list[str]) -> list[tuple[list[int], list[str] | None]]:
-        """Rows of mixable adapters go in one forward pass; each other adapter gets its own."""
+        """Rows of mixable adapters of two or more go in one forward pass, with peft's per-row
+        `adapter_names`; each other adapter gets its own pass (None)."""
         mixed = [i for i, a in enumerate(adapters) if self.adapters[a].mixable]
         groups: list[tuple[list[int], list[str] | None]] = []
-        if mixed:
+        if len({adapters[i] for i in mixed}) == 1:  # one adapter: a pass of its own, without per-row routing
+            groups.append((mixed, None))
+        elif mixed:
             groups.append((mixed, [adapters[i] for i in mixed]))
         for name in dict.fromkeys(a for a in adapters if not self.adapters[a].mixable):
             groups.append(([i for i, a in enumerate(adapters) if a == name], None))
