@@ -67,12 +67,14 @@ def single_adapter(run, texts):
     return Classifier.from_run(run).probabilities(texts)
 
 
+@pytest.mark.parametrize("mix_rows", [True, None])  # one pass routed by row (a GPU's way), or one per adapter
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
-def test_a_mixed_batch_equals_single_adapter_calls_row_for_row(runs, arch):
+def test_a_mixed_batch_equals_single_adapter_calls_row_for_row(runs, arch, mix_rows):
     specs = [("two", runs[arch, "two"]), ("three", runs[arch, "three"])]
     if arch == "bert":
         specs.append(("a", runs["bert", "dora"]))  # DoRA rows are run apart: peft does not mix them
     served = ServedModel.from_adapters(specs, device="cpu")
+    served.mix_rows = mix_rows
     assert served.adapters["two"].mixable and served.adapters["three"].mixable
     assert arch != "bert" or not served.adapters["a"].mixable
     names = [name for name, _ in specs]
@@ -89,7 +91,8 @@ def test_a_mixed_batch_equals_single_adapter_calls_row_for_row(runs, arch):
 
 def test_one_adapter_passes_run_on_real_tokens_only_and_mixed_ones_by_row(runs):
     """On a CPU a pass through one adapter packs the texts' tokens (packed_tokens.py): the same answers
-    as the padded pass; a pass of mixed adapters keeps its rows, which peft routes one by one."""
+    as the padded pass. There adapters take a pass each; a pass of mixed adapters (mix_rows, a GPU's
+    default) keeps its rows, which peft routes one by one."""
     import torch
 
     from peftlab.inference import padded_inputs
@@ -106,9 +109,14 @@ def test_one_adapter_passes_run_on_real_tokens_only_and_mixed_ones_by_row(runs):
         padded = served.model(**padded_inputs(served.tokenizer, ids, served.device)).logits
     assert np.allclose(np.stack(got), torch.softmax(padded, dim=-1).numpy(), atol=1e-5)
 
+    mixed = ["two", "three"] * 2 + ["two"]
     seen.clear()
-    served.probabilities(ids, ["two", "three"] * 2 + ["two"])
-    assert seen == [(len(TEXTS), max(len(x) for x in ids))]  # rows, padded
+    served.probabilities(ids, mixed)  # on a CPU: a packed pass per adapter
+    assert seen == [(1, sum(len(x) for x, a in zip(ids, mixed) if a == name)) for name in ("two", "three")]
+    seen.clear()
+    served.mix_rows = True
+    served.probabilities(ids, mixed)
+    assert seen == [(len(TEXTS), max(len(x) for x in ids))]  # one pass of padded rows
 
 
 def test_adapters_on_another_base_or_with_bad_names_are_refused_before_loading(runs, tiny_models, tmp_path):
