@@ -4,6 +4,8 @@ peft mixes LoRA adapters row by row in one forward pass (`adapter_names`), but i
 (`ModulesToSaveWrapper`) only takes a plain Linear head and one head shape. Classifiers trained on
 different tasks have heads of different widths (3 sentiments, 4 topics) and RoBERTa's head is a
 small network, so peftlab loads each adapter's head at its own shape and dispatches rows itself.
+That is a GPU's way (`ServedModel.mix_rows`). On a CPU, whose products cost what their tokens cost,
+each adapter's rows take a pass of their own over their real tokens alone (packed_tokens.py).
 """
 
 from __future__ import annotations
