@@ -41,10 +41,10 @@ def predict(model: torch.nn.Module, loader, accelerator) -> Predictions:
     """Logits and per-example losses in row order, gathered across processes: every example once."""
     model.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []
-    on_cpu = accelerator.device.type == "cpu"
+    packed = accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16"
     with planless_attention(accelerator.device), run_eagerly(), \
-            packed_for_inference(model) if on_cpu and accelerator.mixed_precision == "bf16" else nullcontext(), \
-            packed_tokens(accelerator.unwrap_model(model)) if on_cpu else nullcontext():  # once, not per batch; GPUs untried
+            packed_for_inference(model) if packed else nullcontext(), \
+            packed_tokens(accelerator.unwrap_model(model)):  # once, not per batch
         for batch in loader:
             logits = model(**model_inputs(batch)).logits.float()
             losses = F.cross_entropy(logits, batch["labels"], reduction="none")

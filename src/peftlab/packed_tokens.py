@@ -91,10 +91,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout:
 def packed_tokens(model: nn.Module) -> Iterator[bool]:
     """Within the block, inference of `model` (one of ATTENTION_MODELS with SDPA at inference, a PEFT
     model's base too) runs its encoder layers on real tokens only (see the module's docstring); yields
-    whether it does. Afterwards the model is as it was. Not for training: the gradients would be
-    right, but the explicit attention that training on a CPU uses is left out here."""
+    whether it does. Afterwards the model is as it was. On a CPU only (GPUs are untried). Not for
+    training: the gradients would be right, but the explicit attention that training on a CPU uses is
+    left out here."""
     encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
-    before = getattr(getattr(encoder, "config", None), "_attn_implementation", None)
+    on_cpu = next(encoder.parameters()).device.type == "cpu"
+    before = getattr(getattr(encoder, "config", None), "_attn_implementation", None) if on_cpu else None
     layers = _encoder_layers(encoder) if before is not None else None
     if not layers or not give_attention(model, ATTENTION, _attention, padding_mask_only, replacing=_SDPA_AT_INFERENCE):
         yield False

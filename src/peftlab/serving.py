@@ -14,7 +14,6 @@ import copy
 import re
 import types
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,7 +159,7 @@ class ServedModel:
                 sub = {k: v[rows] for k, v in inputs.items()}
                 answer(rows, self.model(**sub, adapter_names=[self.adapters[a].key for a in adapter_names]).logits)
         # One adapter a pass: on a CPU its layers run on the real tokens only (packed_tokens.py)
-        with packed_tokens(self.model) if self.device.type == "cpu" else nullcontext():
+        with packed_tokens(self.model):
             for rows, adapter_names in groups:
                 if adapter_names is None:
                     if self.peft and self.model.active_adapter != (key := self.adapters[adapters[rows[0]]].key):
