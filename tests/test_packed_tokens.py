@@ -8,6 +8,7 @@ import torch
 
 from peftlab.config import LoraMethod
 from peftlab.fast_dropout import use_fast_dropout
+from peftlab.first_token import is_first_token_only
 from peftlab.methods import apply_method
 from peftlab.models import load_classifier
 from peftlab.packed_tokens import _encoder_layers, packed_tokens
@@ -44,19 +45,23 @@ def test_packed_tokens_give_the_padded_batchs_logits_without_padding_in_the_laye
     layers = _encoder_layers(encoder)
     attention = encoder.config._attn_implementation
     seen = []
-    layers[-1].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    for layer in (layers[0], layers[-1]):
+        layer.register_forward_hook(lambda module, args, output: seen.append(tuple(output.shape)))
     with torch.inference_mode():
         expected = model(**inputs).logits
         with packed_tokens(model) as packed:
             assert packed
             got = model(**inputs).logits
-    assert seen[0] == (6, 12, encoder.config.hidden_size if arch != "distilbert" else encoder.config.dim)
-    assert seen[1] == (1, real_tokens, seen[0][-1])  # the last layer's input: real tokens only
+    width = encoder.config.hidden_size if arch != "distilbert" else encoder.config.dim
+    assert seen[:2] == [(6, 12, width)] * 2
+    assert seen[2] == (1, real_tokens, width)  # the first layer: real tokens only
+    assert seen[3] == (6, 1, width)  # the last: the padded rows' keys and values, the first token's output
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    # afterwards: the same attention, no hooks of ours, the same logits
+    # afterwards: the same attention, no hooks of ours, every token computed, the same logits
     assert encoder.config._attn_implementation == attention
-    assert not layers[0]._forward_pre_hooks and len(layers[-1]._forward_pre_hooks) == 1
-    assert not layers[-1]._forward_hooks
+    assert not layers[0]._forward_pre_hooks and not layers[-1]._forward_pre_hooks
+    assert len(layers[0]._forward_hooks) == len(layers[-1]._forward_hooks) == 1
+    assert not is_first_token_only(layers[-1])
     with torch.inference_mode():
         torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
 

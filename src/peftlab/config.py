@@ -178,6 +178,12 @@ class TrainConfig(_Strict):
     """Full fine-tuning: update only the input-embedding rows of tokens in the training data (the same
     result: the other rows' gradients are zero), sparing each step the whole vocabulary's gradient and
     optimizer update; `auto`: on when training on a CPU. On a GPU its steps run without CUDA graphs."""
+    first_token_last_layer: bool | Literal["auto"] = "auto"
+    """Compute the last encoder layer for the first token only, the one the classifier reads (its keys
+    and values still for every token): the same logits and gradients, a sixth of the encoder's
+    products spared; dropout draws smaller masks, so a seed gives another run. BERT, RoBERTa, ELECTRA
+    and DistilBERT classifiers (first_token.py); `auto`: on when training on a CPU, uncompiled.
+    Evaluation on a CPU does it whatever this says (packed_tokens.py)."""
     cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay each step's forward and backward passes from CUDA graphs, recorded once per batch
     shape (batches padded to lengths in steps of 64 tokens); `auto`: on for one process on a CUDA GPU
@@ -225,6 +231,13 @@ class TrainConfig(_Strict):
             raise ValueError("train.cuda_graphs=true cannot record the seen embedding rows of "
                              "train.seen_embedding_rows=true (they check each batch's token ids on the host); "
                              "leave one of them at auto")
+        return self
+
+    @model_validator(mode="after")
+    def _first_token_uncompiled(self) -> "TrainConfig":
+        if self.compile and self.first_token_last_layer is True:
+            raise ValueError("train.first_token_last_layer=true is untried with train.compile=true; "
+                             "leave first_token_last_layer at auto (off when compiling)")
         return self
 
     @model_validator(mode="after")

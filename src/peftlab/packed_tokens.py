@@ -8,7 +8,9 @@ alone needs the texts apart: it puts q, k and v back into the padded layout, att
 padding mask as before, and packs its output again (a gather and a scatter of the batch's tokens,
 small next to the products). It is padding-free ("varlen") inference, done around the attention
 kernel because the CPU has no variable-length one. Every real token gets the numbers it would get
-padded, up to the products' summation order.
+padded, up to the products' summation order. Where the classifier reads the first token only, the
+last layer runs on the padded rows for that token alone (first_token.py): the layers before it are
+packed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 
 from peftlab import fast_dropout
 from peftlab.attention_kernels import give_attention, padding_mask_only
+from peftlab.first_token import first_token_only
 
 ATTENTION = "peftlab_packed_tokens"
 # attention implementations whose inference is SDPA with the padding mask (fast_dropout's trains
@@ -58,13 +61,22 @@ def _pack(layer, args, kwargs):
     return (packed, *args[1:]), kwargs
 
 
-def _unpack(layer, args, kwargs, output):
-    """After the last layer: back to [rows, width, hidden], padding positions zero (no head reads them)."""
-    if _batch.index is None:
-        return None
-    flat = output.new_zeros(_batch.rows * _batch.width, output.shape[-1]).index_copy_(0, _batch.index, output[0])
+def _padded(hidden: torch.Tensor) -> torch.Tensor:
+    """[1, tokens, hidden] back to [rows, width, hidden], padding positions zero."""
+    flat = hidden.new_zeros(_batch.rows * _batch.width, hidden.shape[-1]).index_copy_(0, _batch.index, hidden[0])
     _batch.index = None
     return flat.view(_batch.rows, _batch.width, -1)
+
+
+def _unpack(layer, args, kwargs, output):
+    """After the last layer: back to the padded layout (no head reads the padding positions)."""
+    return None if _batch.index is None else _padded(output)
+
+
+def _unpack_before(layer, args, kwargs):
+    """Before a last layer that computes the first token only (first_token.py): its queries are
+    each row's first token, its keys and values the padded rows."""
+    return None if _batch.index is None else ((_padded(args[0]), *args[1:]), kwargs)
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
@@ -101,12 +113,14 @@ def packed_tokens(model: nn.Module) -> Iterator[bool]:
     if not layers or not give_attention(model, ATTENTION, _attention, padding_mask_only, replacing=_SDPA_AT_INFERENCE):
         yield False
         return
-    hooks = [layers[0].register_forward_pre_hook(_pack, with_kwargs=True),
-             layers[-1].register_forward_hook(_unpack, with_kwargs=True)]
-    try:
-        yield True
-    finally:
-        for hook in hooks:
-            hook.remove()
-        encoder.set_attn_implementation(before)
-        _batch.index = None
+    with first_token_only(model) as first_only:
+        hooks = [layers[0].register_forward_pre_hook(_pack, with_kwargs=True),
+                 layers[-1].register_forward_pre_hook(_unpack_before, with_kwargs=True) if first_only
+                 else layers[-1].register_forward_hook(_unpack, with_kwargs=True)]
+        try:
+            yield True
+        finally:
+            for hook in hooks:
+                hook.remove()
+            encoder.set_attn_implementation(before)
+            _batch.index = None

@@ -40,6 +40,7 @@ from peftlab.data import make_loader, set_sampler_epoch
 from peftlab.embedding_rows import SeenRowsEmbedding, follow_optimizer, train_seen_rows_only
 from peftlab.evaluation import evaluate
 from peftlab.fast_dropout import use_fast_dropout
+from peftlab.first_token import compute_first_token_only
 from peftlab.finiteness import LaggedCheck, NonFiniteLossError, can_lag, finite_or_skipped
 from peftlab.methods import (
     apply_method,
@@ -98,6 +99,24 @@ class Progress:
     stopped_early: bool = False
     window_losses: list[float] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SpeedPaths:
+    """Which of peftlab's speed paths a run takes: announced, and recorded in its summary.json."""
+
+    fast_dropout: bool = False
+    unpadded_attention: bool = False
+    first_token_last_layer: bool = False
+    compiled_blocks: int = 0
+    seen_rows: SeenRowsEmbedding | None = None
+    cuda_graphs: bool = False
+
+    def summary(self) -> dict:
+        return {"fast_dropout": self.fast_dropout, "unpadded_attention": self.unpadded_attention,
+                "first_token_last_layer": self.first_token_last_layer, "compiled_blocks": self.compiled_blocks,
+                "seen_embedding_rows": len(self.seen_rows.seen_ids) if self.seen_rows is not None else None,
+                "cuda_graphs": self.cuda_graphs}
 
 
 @dataclass
@@ -300,10 +319,11 @@ def train(config: RunConfig, resume: str | Path | None = None,
     load_scorers()
     set_seed(config.train.seed)
     model = apply_method(load_base(config.model, data.splits.labels.id2label), config.method)
-    fast_dropout = _wants_fast_dropout(config.train, accelerator)
-    if fast_dropout:
+    paths = SpeedPaths(fast_dropout=_wants_fast_dropout(config.train, accelerator))
+    if paths.fast_dropout:
         use_fast_dropout(model)
-    unpadded = unpadded_possible and use_unpadded_attention(model)
+    paths.unpadded_attention = unpadded_possible and use_unpadded_attention(model)
+    paths.first_token_last_layer = _wants_first_token(config.train, accelerator) and compute_first_token_only(model)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     sharded = is_sharded(accelerator)
     if autocast_dtype and config.method.kind in CAST_FROZEN_METHODS and not sharded:  # FSDP2 shards one dtype
@@ -311,16 +331,16 @@ def train(config: RunConfig, resume: str | Path | None = None,
         # The model is still on the CPU here, wherever it trains; packed weights are untried under torch.compile.
         if accelerator.device.type == "cpu" and not config.train.compile:
             pack_frozen_linears(model)  # only frozen bf16 layers on a CPU with oneDNN's bf16 ops
-    compiled = compile_blocks(model) if config.train.compile else 0  # compiles at the first step
+    paths.compiled_blocks = compile_blocks(model) if config.train.compile else 0  # compiles at the first step
     counts = count_parameters(model)  # before the seen rows: all of the embedding matrix is trained
-    seen_rows = train_seen_rows_only(model, data.train.input_ids) if _wants_seen_rows(config.train, accelerator) \
-        else None
+    if _wants_seen_rows(config.train, accelerator):
+        paths.seen_rows = train_seen_rows_only(model, data.train.input_ids)
     # The seen rows check each batch's token ids on the host, which a CUDA graph cannot record (and a
     # failed recording leaves torch's CUDA random generator unusable for the rest of the process).
-    graphs = seen_rows is None and wants_cuda_graphs(config.train.cuda_graphs, graphs_possible,
-                                                     model.config.model_type, config.method.kind)
+    paths.cuda_graphs = paths.seen_rows is None and wants_cuda_graphs(config.train.cuda_graphs, graphs_possible,
+                                                                      model.config.model_type, config.method.kind)
     run = run.create(resuming=checkpoint is not None) if run else None
-    _announce(config, data, counts, run, accelerator, fast_dropout, seen_rows, graphs, unpadded, compiled)
+    _announce(config, data, counts, run, accelerator, paths)
     if run and not checkpoint:
         run.save_config(config)
         run.write_json(LABELS, {"labels": names, "id2label": data.splits.labels.id2label,
@@ -330,7 +350,7 @@ def train(config: RunConfig, resume: str | Path | None = None,
     pad_multiple = 8 if torch.cuda.is_available() else 1
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, group_by_length=cfg.group_by_length,
                                seed=cfg.seed, pad_id=data.tokenizer.pad_token_id,
-                               pad_to_multiple_of=GRAPH_LENGTH_STEP if graphs else pad_multiple,
+                               pad_to_multiple_of=GRAPH_LENGTH_STEP if paths.cuda_graphs else pad_multiple,
                                max_width=config.model.max_length)
     # The fused kernel updates all tensors in one pass; on a CPU it made full fine-tuning 1.4x faster.
     optimizer = torch.optim.AdamW(parameter_groups(model, config.method, cfg.lr, cfg.weight_decay), lr=cfg.lr,
@@ -377,14 +397,13 @@ def train(config: RunConfig, resume: str | Path | None = None,
             else Progress()
         with planless_attention(accelerator.device):
             state = fit(model, optimizer, scheduler, train_loader, evaluation_loader, accelerator, cfg, names, hooks,
-                        state, show=config.output.progress, graphs=graphs, compiled=compiled > 0)
+                        state, show=config.output.progress, graphs=paths.cuda_graphs,
+                        compiled=paths.compiled_blocks > 0)
     accelerator.wait_for_everyone()
     if run is None:
         return config.output.dir
-    summary = _summary(config, data, counts, state, started_at, accelerator) | {
-        "run": run.final.name, "fast_dropout": fast_dropout, "cuda_graphs": graphs, "unpadded_attention": unpadded,
-        "compiled_blocks": compiled,
-        "seen_embedding_rows": len(seen_rows.seen_ids) if seen_rows is not None else None}
+    summary = _summary(config, data, counts, state, started_at, accelerator) | {"run": run.final.name} \
+        | paths.summary()
     final = run.finish(summary)
     tqdm_write(f"best {cfg.best_metric} {state.best[cfg.best_metric]:.4f} at epoch {state.best['epoch']}; "
                f"run saved to {final}")
@@ -497,8 +516,7 @@ def _refuse_non_finite(weights: dict[str, torch.Tensor]) -> None:
 
 
 def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None, accelerator,
-              fast_dropout: bool, seen_rows: SeenRowsEmbedding | None, graphs: bool, unpadded: bool,
-              compiled: int) -> None:
+              paths: SpeedPaths) -> None:
     if not accelerator.is_main_process:
         return
     print("resolved config:\n" + "\n".join("  " + line for line in config.to_yaml().splitlines()))
@@ -511,11 +529,12 @@ def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None
     print(f"method {config.method.kind}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} "
           f"parameters ({100 * counts['trainable_share']:.3f}%); device {accelerator.device}, "
           f"precision {_precision(accelerator)}, "
-          f"{'fast CPU dropout' if fast_dropout else 'torch dropout'}"
-          f"{', steps replayed from CUDA graphs' if graphs else ''}"
-          f"{', attention over unpadded tokens' if unpadded else ''}"
-          f"{f', {compiled} encoder blocks compiled' if compiled else ''}")
-    if seen_rows is not None:
+          f"{'fast CPU dropout' if paths.fast_dropout else 'torch dropout'}"
+          f"{', steps replayed from CUDA graphs' if paths.cuda_graphs else ''}"
+          f"{', attention over unpadded tokens' if paths.unpadded_attention else ''}"
+          f"{', last layer for the first token only' if paths.first_token_last_layer else ''}"
+          f"{f', {paths.compiled_blocks} encoder blocks compiled' if paths.compiled_blocks else ''}")
+    if (seen_rows := paths.seen_rows) is not None:
         print(f"embedding: each step updates the {len(seen_rows.seen_ids):,} of {seen_rows.num_embeddings:,} rows whose "
               "tokens occur in the training data (the others' gradients are zero)")
     hint = _bf16_hint(environment.cpu_bf16_matmul()) \
@@ -558,6 +577,12 @@ def _summary(config: RunConfig, data: RunData, counts: dict, state: Progress, st
         "versions": environment.library_versions(), "hardware": environment.hardware(),
         "git_revision": environment.git_revision(),
     }
+
+
+def _wants_first_token(cfg: TrainConfig, accelerator) -> bool:
+    """`auto`: on a CPU, unless compiling (untried with compiled blocks)."""
+    return cfg.first_token_last_layer is True or (cfg.first_token_last_layer == "auto"
+                                                  and accelerator.device.type == "cpu" and not cfg.compile)
 
 
 def _wants_fast_dropout(cfg: TrainConfig, accelerator) -> bool:
