@@ -11,8 +11,13 @@ import torch
 
 from peftlab.config import LoraMethod
 from peftlab.fast_dropout import use_fast_dropout
-from peftlab.first_token import compute_every_token, compute_first_token_only, first_token_only, is_first_token_only, \
-    last_layer
+from peftlab.first_token import (
+    compute_every_token,
+    compute_first_token_only,
+    first_token_only,
+    is_first_token_only,
+    last_layer,
+)
 from peftlab.methods import apply_method
 from peftlab.models import load_classifier
 from peftlab.train import train

@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peftlab.attention_kernels import encoder_layers
 from peftlab.config import LoraMethod
 from peftlab.fast_dropout import use_fast_dropout
 from peftlab.first_token import is_first_token_only
 from peftlab.methods import apply_method
 from peftlab.models import load_classifier
-from peftlab.packed_tokens import _encoder_layers, packed_tokens
+from peftlab.packed_tokens import packed_tokens
 
 LABELS = {0: "neg", 1: "pos", 2: "mixed"}
 
@@ -42,7 +43,7 @@ def test_packed_tokens_give_the_padded_batchs_logits_without_padding_in_the_laye
     model = _model(tiny_models, arch, variant)
     inputs, real_tokens = _padded_batch()
     encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = _encoder_layers(encoder)
+    layers = encoder_layers(encoder)
     attention = encoder.config._attn_implementation
     seen = []
     for layer in (layers[0], layers[-1]):
@@ -81,7 +82,7 @@ def test_without_padding_or_with_another_attention_nothing_is_packed(tiny_models
     inputs, _ = _padded_batch()
     ids = inputs["input_ids"].clamp(min=5)
     seen = []
-    _encoder_layers(model)[-1].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    encoder_layers(model)[-1].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
     with torch.inference_mode():
         expected = model(input_ids=ids).logits
         with packed_tokens(model) as packed:

@@ -30,6 +30,12 @@ def planless_attention(device: torch.device | str) -> Iterator[None]:
         yield
 
 
+def encoder_layers(encoder: nn.Module) -> nn.ModuleList | None:
+    """The encoder's layers: its ModuleList of `num_hidden_layers` modules (None without one)."""
+    count = getattr(encoder.config, "num_hidden_layers", None)
+    return next((m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m) == count), None)
+
+
 def padding_mask_only(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                       attention_mask=None, **kwargs):
     """transformers' mask interface for attention functions that take the rows' 2D padding mask

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from peftlab.attention_kernels import encoder_layers
+
 # Encoders whose classification head reads position 0 of the last layer only, and whose layers are
 # laid out as below (transformers' BertLayer and its copies, DistilBERT's TransformerBlock).
 FIRST_TOKEN_MODELS = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert"}
@@ -73,8 +75,7 @@ def last_layer(model: nn.Module) -> nn.Module | None:
     config = getattr(encoder, "config", None)
     if config is None or config.model_type not in FIRST_TOKEN_MODELS or getattr(config, "is_decoder", False):
         return None
-    count = getattr(config, "num_hidden_layers", None)
-    layers = next((m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m) == count), None)
+    layers = encoder_layers(encoder)
     return layers[-1] if layers and _layer_kind(layers[-1]) else None
 
 

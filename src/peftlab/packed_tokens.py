@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from peftlab import fast_dropout
-from peftlab.attention_kernels import give_attention, padding_mask_only
+from peftlab.attention_kernels import encoder_layers, give_attention, padding_mask_only
 from peftlab.first_token import first_token_only
 
 ATTENTION = "peftlab_packed_tokens"
@@ -41,11 +41,6 @@ class _Batch(threading.local):
 
 
 _batch = _Batch()
-
-
-def _encoder_layers(encoder: nn.Module) -> nn.ModuleList | None:
-    count = getattr(encoder.config, "num_hidden_layers", None)
-    return next((m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m) == count), None)
 
 
 def _pack(layer, args, kwargs):
@@ -109,7 +104,7 @@ def packed_tokens(model: nn.Module) -> Iterator[bool]:
     encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
     on_cpu = next(encoder.parameters()).device.type == "cpu"
     before = getattr(getattr(encoder, "config", None), "_attn_implementation", None) if on_cpu else None
-    layers = _encoder_layers(encoder) if before is not None else None
+    layers = encoder_layers(encoder) if before is not None else None
     if not layers or not give_attention(model, ATTENTION, _attention, padding_mask_only, replacing=_SDPA_AT_INFERENCE):
         yield False
         return

@@ -40,8 +40,8 @@ from peftlab.data import make_loader, set_sampler_epoch
 from peftlab.embedding_rows import SeenRowsEmbedding, follow_optimizer, train_seen_rows_only
 from peftlab.evaluation import evaluate
 from peftlab.fast_dropout import use_fast_dropout
-from peftlab.first_token import compute_first_token_only
 from peftlab.finiteness import LaggedCheck, NonFiniteLossError, can_lag, finite_or_skipped
+from peftlab.first_token import compute_first_token_only
 from peftlab.methods import (
     apply_method,
     count_parameters,
