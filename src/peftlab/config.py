@@ -180,7 +180,7 @@ class TrainConfig(_Strict):
     optimizer update; `auto`: on when training on a CPU. On a GPU its steps run without CUDA graphs."""
     first_token_last_layer: bool | Literal["auto"] = "auto"
     """Compute the last encoder layer for the first token only, the one the classifier reads (its keys
-    and values still for every token): the same logits and gradients, a sixth of the encoder's
+    and values still for every token): the same logits and gradients, most of one layer's
     products spared; dropout draws smaller masks, so a seed gives another run. BERT, RoBERTa, ELECTRA
     and DistilBERT classifiers (first_token.py); `auto`: on when training on a CPU, uncompiled.
     Evaluation on a CPU does it whatever this says (packed_tokens.py)."""

@@ -4,7 +4,7 @@ The sequence classifiers of BERT, RoBERTa, ELECTRA and DistilBERT read the last 
 the first position (the [CLS] token, or the pooler over it) and nothing else. That layer's keys and
 values still need every token, but its query, attention output, layer norms and feed-forward block
 are needed for that one position: on MiniLM or distilbert-base, 83% of the layer's matrix products
-(all but K and V) and most of its element-wise work, a sixth of the encoder's. Leaving the other
+(all but K and V) and most of its element-wise work, a seventh of a 6-layer encoder's. Leaving the other
 positions out is exact: their outputs reach no logit and no loss, so the logits and every gradient
 stay the same, up to the products' summation order. Training with dropout draws smaller masks, so a
 seed gives another run of the same distribution; hence `train.first_token_last_layer` can turn it off.
