@@ -1,8 +1,9 @@
 """peftlab against the pipeline it replaces (HF Trainer + PEFT + DataCollatorWithPadding), same work.
 
 Both fine-tune the same model on the same rows (peftlab's seeded, stratified subsample, so the data
-are identical), with the same hyperparameters, epochs and seed, one after the other in this process,
-and the table shows each figure and the ratio peftlab / peer:
+are identical), with the same hyperparameters, epochs and seed, one after the other, each run in a
+fresh Python process (`--same-process`: all in this one), and the table shows each figure and the
+ratio peftlab / peer:
 
     .venv/bin/python bench/train_vs_trainer.py                       # CPU workload: MiniLM + tweets, LoRA and full
     .venv/bin/python bench/train_vs_trainer.py --methods lora --repeats 3 --json bench/cpu.json
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -146,6 +148,27 @@ def run_peer(raw: dict, out: Path) -> dict:
             "accuracy": final["eval_accuracy"], "f1_macro": final["eval_f1_macro"], "train_seconds": train_seconds}
 
 
+def run_here(side: str, raw: dict, out: Path, overrides: dict | None = None) -> dict:
+    return run_peer(raw, out) if side == "peer" else run_peftlab(raw, overrides or {})
+
+
+def run_in_fresh_process(side: str, raw: dict, out: Path, overrides: dict | None = None) -> dict:
+    """One run in a new Python process, so that no run's speed depends on what ran before it: one
+    process measured full fine-tuning about 6% slower after the peer's run than alone, and settings
+    peftlab makes for its CPU training (glibc's, oneDNN's) would carry over to the peer's next run."""
+    spec = out / f"run-{time.time_ns()}.json"
+    spec.write_text(json.dumps({"side": side, "raw": raw, "out": str(out), "overrides": overrides or {}}))
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one-run", str(spec)], check=True)
+    return json.loads(spec.with_suffix(".result.json").read_text())
+
+
+def one_run(spec_path: Path) -> int:
+    spec = json.loads(spec_path.read_text())
+    figures_ = run_here(spec["side"], spec["raw"], Path(spec["out"]), spec["overrides"])
+    spec_path.with_suffix(".result.json").write_text(json.dumps(figures_))
+    return 0
+
+
 def environment_model_dir(name: str) -> str:
     from peftlab.assets import resolve_model_name
 
@@ -213,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peer", action="store_true",
                         help="peftlab's variants only: their figures without the peer's or ratios (A/B runs "
                              "of peftlab options when the peer's run would take most of the time)")
+    parser.add_argument("--same-process", action="store_true",
+                        help="run every run in this process (by default each runs in a fresh Python process)")
+    parser.add_argument("--one-run", type=Path, help=argparse.SUPPRESS)  # a fresh process's run: its spec file
     args = parser.parse_args(argv)
+    if args.one_run:
+        return one_run(args.one_run)
     for key, value in DEFAULTS[args.workload].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -229,10 +257,11 @@ def main(argv: list[str] | None = None) -> int:
                 peer_runs, our_runs = [], {name: [] for name in variants}
                 for repeat in range(args.repeats):
                     raw = workload(args, model, method, Path(tmp), args.seed + repeat)
+                    run = run_here if args.same_process else run_in_fresh_process
                     if not args.no_peer:
-                        peer_runs.append(run_peer(raw, Path(tmp)))
+                        peer_runs.append(run("peer", raw, Path(tmp)))
                     for name, overrides in variants.items():
-                        our_runs[name].append(run_peftlab(raw, overrides))
+                        our_runs[name].append(run("peftlab", raw, Path(tmp), overrides))
                 peer = with_mfu(aggregate(peer_runs), model, method, device) if peer_runs else {}
                 for name, runs in our_runs.items():
                     ours = with_mfu(aggregate(runs), model, method, device)
