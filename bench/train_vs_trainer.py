@@ -154,8 +154,9 @@ def run_here(side: str, raw: dict, out: Path, overrides: dict | None = None) -> 
 
 def run_in_fresh_process(side: str, raw: dict, out: Path, overrides: dict | None = None) -> dict:
     """One run in a new Python process, so that no run's speed depends on what ran before it: one
-    process measured full fine-tuning about 6% slower after the peer's run than alone, and settings
-    peftlab makes for its CPU training (glibc's, oneDNN's) would carry over to the peer's next run."""
+    process measured full fine-tuning about 5% slower after the peer's run than alone, and a setting
+    peftlab makes for its CPU training (glibc's) would carry over to the peer's next run. On a GPU
+    every run is then a process's first (bench/RESULTS.md: about 7% slower than later ones)."""
     spec = out / f"run-{time.time_ns()}.json"
     spec.write_text(json.dumps({"side": side, "raw": raw, "out": str(out), "overrides": overrides or {}}))
     subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one-run", str(spec)], check=True)
