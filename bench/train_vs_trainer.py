@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, key, value)
     variants = parse_variants(args.variants)
 
+    run = run_here if args.same_process else run_in_fresh_process
     results = []
     hardware = environment.hardware()
     bf16 = environment.BF16_MATMUL_NAMES.get(hardware["cpu_bf16"], "no native bf16")
@@ -258,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
                 peer_runs, our_runs = [], {name: [] for name in variants}
                 for repeat in range(args.repeats):
                     raw = workload(args, model, method, Path(tmp), args.seed + repeat)
-                    run = run_here if args.same_process else run_in_fresh_process
                     if not args.no_peer:
                         peer_runs.append(run("peer", raw, Path(tmp)))
                     for name, overrides in variants.items():
