@@ -200,13 +200,24 @@ QUALITY = ("accuracy", "f1_macro")
 
 
 def aggregate(runs: list[dict]) -> dict:
-    """Speeds and memory: medians over the repeats. Quality: the mean over their seeds, and its std."""
+    """Speeds and memory: medians over the repeats. Quality: the mean over their seeds, its std and
+    each seed's figure."""
     summary = {key: statistics.median(r[key] for r in runs) for key in runs[0] if key not in QUALITY}
     for key in QUALITY:
         values = [r[key] for r in runs]
         summary[key] = statistics.fmean(values)
         summary[key + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary[key + "_per_seed"] = values
     return summary
+
+
+def quality_p_values(ours: dict, peer: dict) -> dict:
+    """Welch's t-test of each quality figure over the seeds, peftlab against the peer: the two sides
+    draw different random streams for a seed, so the runs are not paired."""
+    from scipy import stats
+
+    return {f"{key}_p": float(stats.ttest_ind(ours[key + "_per_seed"], peer[key + "_per_seed"], equal_var=False).pvalue)
+            for key in QUALITY if len(ours.get(key + "_per_seed", ())) > 1 and len(peer.get(key + "_per_seed", ())) > 1}
 
 
 def parse_variants(text: str) -> dict[str, dict]:
@@ -272,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                            "peer": peer, "peftlab": ours}
                     for key in figures(ours):
                         row[f"{key}_ratio"] = ours[key] / peer[key] if peer.get(key) else float("nan")
+                    row |= quality_p_values(ours, peer)
                     results.append(row)
                     print_row(row)
                     if args.json:  # after every row: a run cut short still leaves what it measured
@@ -294,7 +306,8 @@ def print_row(row: dict) -> None:
               f"{row[key + '_ratio']:>8.2f}x")
     for key in QUALITY:
         print(f"{key + ' std':<22}{row['peer'].get(key + '_std', float('nan')):>12.3f}"
-              f"{row['peftlab'][key + '_std']:>12.3f}")
+              f"{row['peftlab'][key + '_std']:>12.3f}"
+              + (f"   difference p = {row[key + '_p']:.2f} (Welch)" if key + "_p" in row else ""))
     sys.stdout.flush()
 
 

@@ -1,7 +1,9 @@
-"""Inference on real tokens only (packed_tokens.py): the same logits as the padded batch, with the
-encoder's layers seeing no padding, and the model as it was afterwards."""
+"""Inference and training on real tokens only (packed_tokens.py): the same logits, loss and gradients
+as the padded batch, with the encoder's layers seeing no padding; after inference the model as it was."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -9,10 +11,11 @@ import torch
 from peftlab.attention_kernels import encoder_layers
 from peftlab.config import LoraMethod
 from peftlab.fast_dropout import use_fast_dropout
-from peftlab.first_token import is_first_token_only
+from peftlab.first_token import compute_first_token_only, is_first_token_only
 from peftlab.methods import apply_method
 from peftlab.models import load_classifier
-from peftlab.packed_tokens import packed_tokens
+from peftlab.packed_tokens import ATTENTION, pack_tokens_to_train, packed_tokens
+from peftlab.train import train
 
 LABELS = {0: "neg", 1: "pos", 2: "mixed"}
 
@@ -93,3 +96,80 @@ def test_without_padding_or_with_another_attention_nothing_is_packed(tiny_models
     deberta = _model(tiny_models, "deberta-v2", "plain")  # relative positions: its own attention
     with packed_tokens(deberta) as packed:
         assert not packed
+
+
+def _without_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize("arch,variant,first_token", [("bert", "plain", False), ("bert", "plain", True),
+                                                      ("distilbert", "plain", True), ("roberta", "lora", True)])
+def test_training_on_real_tokens_gives_the_padded_batchs_loss_and_gradients(tiny_models, arch, variant, first_token):
+    """pack_tokens_to_train: the layers train on real tokens only, through fast dropout's attention;
+    with nothing dropped the loss and every gradient are the padded batch's."""
+    inputs, real_tokens = _padded_batch()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    results = []
+    for packed in (False, True):
+        model = _model(tiny_models, arch, variant)
+        use_fast_dropout(model)
+        if first_token:
+            compute_first_token_only(model)
+        if packed:
+            assert pack_tokens_to_train(model)
+        encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
+        seen = []
+        encoder_layers(encoder)[0].register_forward_hook(lambda module, args, output: seen.append(output.shape[:2]))
+        _without_dropout(model).train()
+        loss = torch.nn.functional.cross_entropy(model(**inputs).logits, labels)
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        assert all(g is not None for g in grads.values())
+        results.append((loss.detach(), grads))
+        assert seen == [(1, real_tokens) if packed else (6, 12)]
+    (padded_loss, padded_grads), (packed_loss, packed_grads) = results
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_model_packed_to_train_evaluates_packed_and_stays_packed(tiny_models):
+    model = _model(tiny_models, "bert", "plain")
+    use_fast_dropout(model)
+    assert pack_tokens_to_train(model)
+    inputs, real_tokens = _padded_batch()
+    layers = encoder_layers(model)
+    seen = []
+    layers[0].register_forward_hook(lambda module, args, output: seen.append(output.shape[:2]))
+    hooks = (len(layers[0]._forward_pre_hooks), len(layers[-1]._forward_pre_hooks), len(layers[-1]._forward_hooks))
+    with torch.inference_mode(), packed_tokens(model.eval()) as packed:
+        assert packed and is_first_token_only(layers[-1])
+        model(**inputs)
+    assert seen == [(1, real_tokens)]
+    assert model.config._attn_implementation == ATTENTION and not is_first_token_only(layers[-1])
+    assert (len(layers[0]._forward_pre_hooks), len(layers[-1]._forward_pre_hooks),
+            len(layers[-1]._forward_hooks)) == hooks
+
+
+def test_only_fast_dropouts_attention_is_packed_to_train(tiny_models):
+    assert not pack_tokens_to_train(_model(tiny_models, "bert", "plain"))  # SDPA: training would drop inside it
+    assert not pack_tokens_to_train(_model(tiny_models, "deberta-v2", "fast-dropout"))  # its own attention
+
+
+@pytest.mark.parametrize("settings,packed", [({}, False), ({"group_by_length": False}, True),
+                                             ({"group_by_length": False, "packed_tokens": False}, False),
+                                             ({"packed_tokens": True}, True),
+                                             ({"group_by_length": False, "fast_dropout": False}, False)])
+def test_cpu_training_packs_the_real_tokens_of_random_batches(make_config, settings, packed):
+    config = make_config(method={"kind": "full"}, train={"epochs": 10, "lr": 2e-3, "warmup_ratio": 0.1, **settings})
+    summary = json.loads((train(config) / "summary.json").read_text())
+    assert summary["packed_tokens"] is packed
+    assert summary["best"]["accuracy"] >= 0.7  # the toy task is learnt either way
+
+
+def test_packed_training_needs_fast_dropout(make_config):
+    with pytest.raises(ValueError, match="packed_tokens"):
+        make_config(train={"packed_tokens": True, "fast_dropout": False})

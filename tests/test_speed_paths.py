@@ -347,7 +347,7 @@ def test_a_lagged_finiteness_check_skips_the_update_in_the_kernel_and_names_the_
 def test_the_additive_attention_mask_gives_bitwise_the_masked_fill_results():
     """The training attention adds the mask (0 / the dtype's minimum) instead of masked_fill: the
     same outputs and gradients, bit for bit, in bf16 and fp32, with dropout on the probabilities."""
-    from peftlab.fast_dropout import _attention, drop
+    from peftlab.fast_dropout import attention as fast_attention, drop
 
     def masked_fill_attention(query, key, value, mask):
         scores = torch.matmul(query, key.transpose(2, 3)) * query.size(-1) ** -0.5
@@ -363,7 +363,7 @@ def test_the_additive_attention_mask_gives_bitwise_the_masked_fill_results():
         mask[1, ..., 11:] = mask[3, ..., 5:] = False
         grad = torch.randn(4, 19, 3, 8).to(dtype)
         results = []
-        for attention in (lambda q, k, v: _attention(module, q, k, v, mask, dropout=0.1)[0],
+        for attention in (lambda q, k, v: fast_attention(module, q, k, v, mask, dropout=0.1)[0],
                           lambda q, k, v: masked_fill_attention(q, k, v, mask)):
             leaves = [t.clone().requires_grad_() for t in inputs]
             torch.manual_seed(1)  # the same dropout masks

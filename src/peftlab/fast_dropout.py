@@ -55,7 +55,7 @@ class FastDropout(nn.Dropout):
         return drop(x, self.p, self.training)
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
+def attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
     """transformers' AttentionInterface signature: SDPA for inference, explicit softmax to train."""
     if not module.training or query.device.type != "cpu":
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -95,5 +95,5 @@ def use_fast_dropout(model: nn.Module) -> int:
             swapped += 1
     from transformers.masking_utils import sdpa_mask
 
-    give_attention(model, ATTENTION, _attention, sdpa_mask)
+    give_attention(model, ATTENTION, attention, sdpa_mask)
     return swapped

@@ -1,5 +1,5 @@
-"""Inference over a batch's real tokens only: the encoder's layers run on its texts' tokens packed
-into one row, without padding.
+"""Inference and CPU training over a batch's real tokens only: the encoder's layers run on its texts'
+tokens packed into one row, without padding.
 
 Sorted evaluation still pads each batch to its longest text: on the tweets, batches of 64 are 16%
 padding, most of it in the long tail's batch. A layer's linear products, GELU and layer norms (about
@@ -11,6 +11,13 @@ kernel because the CPU has no variable-length one. Every real token gets the num
 padded, up to the products' summation order. Where the classifier reads the first token only, the
 last layer runs on the padded rows for that token alone (first_token.py): the layers before it are
 packed.
+
+Training on a CPU packs the same way (`pack_tokens_to_train`), through fast dropout's attention (its
+own softmax and dropout): the backward passes of the gather and scatter are a scatter and a gather,
+and the products, layer norms and dropout masks of both passes see real tokens only. It is for random
+batches (`train.group_by_length=false`, as HF Trainer's): on the tweets they are 40% padding, and
+packed they train 1.24x faster than padded. Length-grouped batches are 3% padding, too little to pay
+for the gathers and scatters.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from torch import nn
 
 from peftlab import fast_dropout
 from peftlab.attention_kernels import encoder_layers, give_attention, padding_mask_only
-from peftlab.first_token import first_token_only
+from peftlab.first_token import first_token_only, is_first_token_only
 
 ATTENTION = "peftlab_packed_tokens"
 # attention implementations whose inference is SDPA with the padding mask (fast_dropout's trains
@@ -38,9 +45,20 @@ class _Batch(threading.local):
     index: torch.Tensor | None = None
     rows: int = 0
     width: int = 0
+    mask: tuple = (None, None)  # the 2D padding mask and its [rows, 1, 1, width] boolean form
 
 
 _batch = _Batch()
+
+
+def _attention_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows' 2D padding mask as attention takes it, made once per batch: every layer gets the
+    same tensor, so fast dropout's attention makes its additive form once too."""
+    if mask is None or mask.dim() != 2:
+        return mask
+    if _batch.mask[0] is not mask:
+        _batch.mask = (mask, mask.bool()[:, None, None, :])
+    return _batch.mask[1]
 
 
 def _pack(layer, args, kwargs):
@@ -71,51 +89,74 @@ def _unpack(layer, args, kwargs, output):
 def _unpack_before(layer, args, kwargs):
     """Before a last layer that computes the first token only (first_token.py): its queries are
     each row's first token, its keys and values the padded rows."""
-    return None if _batch.index is None else ((_padded(args[0]), *args[1:]), kwargs)
+    if _batch.index is None or not is_first_token_only(layer):
+        return None
+    return (_padded(args[0]), *args[1:]), kwargs
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout: float = 0.0, **kwargs):
     """transformers' AttentionInterface signature; q, k, v are [1, heads, tokens, head_dim] while a
-    batch is packed, `attention_mask` its 2D padding mask."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    batch is packed, `attention_mask` its 2D padding mask. Attends as fast dropout's attention does:
+    SDPA for inference, its own softmax and dropout to train on a CPU."""
     index = _batch.index
-    mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+    mask = _attention_mask(attention_mask)
     if index is None or query.shape[0] != 1 or query.shape[2] != len(index):  # not packed: as before
-        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+        return fast_dropout.attention(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
     def padded(x: torch.Tensor) -> torch.Tensor:
         tokens = x[0].transpose(0, 1)  # [tokens, heads, head_dim]
         flat = tokens.new_zeros(_batch.rows * _batch.width, *tokens.shape[1:]).index_copy_(0, index, tokens)
         return flat.view(_batch.rows, _batch.width, *tokens.shape[1:]).transpose(1, 2)
 
-    output, _ = sdpa_attention_forward(module, padded(query), padded(key), padded(value), mask, scaling=scaling,
+    output, _ = fast_dropout.attention(module, padded(query), padded(key), padded(value), mask, scaling=scaling,
                                        dropout=dropout, **kwargs)  # [rows, width, heads, head_dim]
     return output.reshape(-1, *output.shape[2:]).index_select(0, index).unsqueeze(0), None
+
+
+def _encoder(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _pack_layers(model: nn.Module, replacing: tuple[str, ...]) -> list | None:
+    """Give `model` the packed attention and hook its first and last layers; the hooks' handles, or
+    None where the model (or its attention, or its device) is not one packing is done for."""
+    encoder = _encoder(model)
+    on_cpu = next(encoder.parameters()).device.type == "cpu"
+    layers = encoder_layers(encoder) if on_cpu and hasattr(encoder, "config") else None
+    if not layers or not give_attention(model, ATTENTION, _attention, padding_mask_only, replacing=replacing):
+        return None
+    # Both ends of the last layer are hooked: whether it computes the first token only is read per call.
+    return [layers[0].register_forward_pre_hook(_pack, with_kwargs=True),
+            layers[-1].register_forward_pre_hook(_unpack_before, with_kwargs=True),
+            layers[-1].register_forward_hook(_unpack, with_kwargs=True)]
+
+
+def pack_tokens_to_train(model: nn.Module) -> bool:
+    """From now on `model`'s encoder layers run on real tokens only, in training and evaluation;
+    returns whether they do. For training on a CPU with fast dropout's attention (fast_dropout.py),
+    which it keeps: products, GELU, layer norms and dropout masks see the real tokens only, attention
+    and its dropout the padded rows as before."""
+    return _pack_layers(model, replacing=(fast_dropout.ATTENTION,)) is not None
 
 
 @contextmanager
 def packed_tokens(model: nn.Module) -> Iterator[bool]:
     """Within the block, inference of `model` (one of ATTENTION_MODELS with SDPA at inference, a PEFT
     model's base too) runs its encoder layers on real tokens only (see the module's docstring); yields
-    whether it does. Afterwards the model is as it was. On a CPU only (GPUs are untried). Not for
-    training: the gradients would be right, but the explicit attention that training on a CPU uses is
-    left out here."""
-    encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
-    on_cpu = next(encoder.parameters()).device.type == "cpu"
-    before = getattr(getattr(encoder, "config", None), "_attn_implementation", None) if on_cpu else None
-    layers = encoder_layers(encoder) if before is not None else None
-    if not layers or not give_attention(model, ATTENTION, _attention, padding_mask_only, replacing=_SDPA_AT_INFERENCE):
+    whether it does. Afterwards the model is as it was. On a CPU only (GPUs are untried)."""
+    encoder = _encoder(model)
+    before = getattr(getattr(encoder, "config", None), "_attn_implementation", None)
+    # a model packed to train (pack_tokens_to_train) has its hooks already
+    hooks = [] if before == ATTENTION else _pack_layers(model, replacing=_SDPA_AT_INFERENCE)
+    if hooks is None:
         yield False
         return
-    with first_token_only(model) as first_only:
-        hooks = [layers[0].register_forward_pre_hook(_pack, with_kwargs=True),
-                 layers[-1].register_forward_pre_hook(_unpack_before, with_kwargs=True) if first_only
-                 else layers[-1].register_forward_hook(_unpack, with_kwargs=True)]
+    with first_token_only(model):
         try:
             yield True
         finally:
             for hook in hooks:
                 hook.remove()
-            encoder.set_attn_implementation(before)
+            if hooks:
+                encoder.set_attn_implementation(before)
             _batch.index = None

@@ -52,6 +52,7 @@ from peftlab.methods import (
 from peftlab.metrics import headline, is_better, load_scorers
 from peftlab.models import load_base
 from peftlab.packed_linear import pack_frozen_linears
+from peftlab.packed_tokens import pack_tokens_to_train
 from peftlab.pipeline import RunData, TrainingSetupError, eval_loader, make_accelerator, prepare_data
 from peftlab.runs import CHECKPOINTS, CONFIG, LABELS, RunDir
 from peftlab.sharding import gathered_optimizer, gathered_trainable, is_sharded
@@ -108,13 +109,15 @@ class SpeedPaths:
     fast_dropout: bool = False
     unpadded_attention: bool = False
     first_token_last_layer: bool = False
+    packed_tokens: bool = False
     compiled_blocks: int = 0
     seen_rows: SeenRowsEmbedding | None = None
     cuda_graphs: bool = False
 
     def summary(self) -> dict:
         return {"fast_dropout": self.fast_dropout, "unpadded_attention": self.unpadded_attention,
-                "first_token_last_layer": self.first_token_last_layer, "compiled_blocks": self.compiled_blocks,
+                "first_token_last_layer": self.first_token_last_layer, "packed_tokens": self.packed_tokens,
+                "compiled_blocks": self.compiled_blocks,
                 "seen_embedding_rows": len(self.seen_rows.seen_ids) if self.seen_rows is not None else None,
                 "cuda_graphs": self.cuda_graphs}
 
@@ -324,6 +327,8 @@ def train(config: RunConfig, resume: str | Path | None = None,
         use_fast_dropout(model)
     paths.unpadded_attention = unpadded_possible and use_unpadded_attention(model)
     paths.first_token_last_layer = _wants_first_token(config.train, accelerator) and compute_first_token_only(model)
+    paths.packed_tokens = paths.fast_dropout and _wants_packed_tokens(config.train, accelerator) \
+        and pack_tokens_to_train(model)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     sharded = is_sharded(accelerator)
     if autocast_dtype and config.method.kind in CAST_FROZEN_METHODS and not sharded:  # FSDP2 shards one dtype
@@ -533,6 +538,7 @@ def _announce(config: RunConfig, data: RunData, counts: dict, run: RunDir | None
           f"{', steps replayed from CUDA graphs' if paths.cuda_graphs else ''}"
           f"{', attention over unpadded tokens' if paths.unpadded_attention else ''}"
           f"{', last layer for the first token only' if paths.first_token_last_layer else ''}"
+          f"{', layers on real tokens only' if paths.packed_tokens else ''}"
           f"{f', {paths.compiled_blocks} encoder blocks compiled' if paths.compiled_blocks else ''}")
     if (seen_rows := paths.seen_rows) is not None:
         print(f"embedding: each step updates the {len(seen_rows.seen_ids):,} of {seen_rows.num_embeddings:,} rows whose "
@@ -583,6 +589,13 @@ def _wants_first_token(cfg: TrainConfig, accelerator) -> bool:
     """`auto`: on a CPU, unless compiling (untried with compiled blocks)."""
     return cfg.first_token_last_layer is True or (cfg.first_token_last_layer == "auto"
                                                   and accelerator.device.type == "cpu" and not cfg.compile)
+
+
+def _wants_packed_tokens(cfg: TrainConfig, accelerator) -> bool:
+    """On a CPU (untried on GPUs, which attend over unpadded tokens already); `auto`: for random
+    batches (length-grouped ones have little padding to leave out)."""
+    return accelerator.device.type == "cpu" and (cfg.packed_tokens is True or (cfg.packed_tokens == "auto"
+                                                                              and not cfg.group_by_length))
 
 
 def _wants_fast_dropout(cfg: TrainConfig, accelerator) -> bool:
