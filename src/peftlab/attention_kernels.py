@@ -30,6 +30,11 @@ def planless_attention(device: torch.device | str) -> Iterator[None]:
         yield
 
 
+def base_encoder(model: nn.Module) -> nn.Module:
+    """The transformers model itself: a PEFT model's base model, anything else as it is."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def encoder_layers(encoder: nn.Module) -> nn.ModuleList | None:
     """The encoder's layers: its ModuleList of `num_hidden_layers` modules (None without one)."""
     count = getattr(encoder.config, "num_hidden_layers", None)
@@ -48,7 +53,7 @@ def give_attention(model: nn.Module, name: str, attention, make_mask, replacing:
     AttentionMaskInterface) under `name`, and give them to `model` if it is one of ATTENTION_MODELS
     running one of the attention implementations `replacing` (a PEFT model's base model too);
     returns whether it got them."""
-    encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoder = base_encoder(model)
     config = getattr(encoder, "config", None)
     if config is None or config.model_type not in ATTENTION_MODELS or config._attn_implementation not in replacing:
         return False

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from peftlab.attention_kernels import encoder_layers
+from peftlab.attention_kernels import base_encoder, encoder_layers
 
 # Encoders whose classification head reads position 0 of the last layer only, and whose layers are
 # laid out as below (transformers' BertLayer and its copies, DistilBERT's TransformerBlock).
@@ -71,7 +71,7 @@ def _layer_kind(layer: nn.Module) -> Callable | None:
 
 def last_layer(model: nn.Module) -> nn.Module | None:
     """The last encoder layer of one of FIRST_TOKEN_MODELS (a PEFT model's base too), or None."""
-    encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoder = base_encoder(model)
     config = getattr(encoder, "config", None)
     if config is None or config.model_type not in FIRST_TOKEN_MODELS or getattr(config, "is_decoder", False):
         return None

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from peftlab import fast_dropout
-from peftlab.attention_kernels import encoder_layers, give_attention, padding_mask_only
+from peftlab.attention_kernels import base_encoder, encoder_layers, give_attention, padding_mask_only
 from peftlab.first_token import first_token_only, is_first_token_only
 
 ATTENTION = "peftlab_packed_tokens"
@@ -113,14 +113,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout:
     return output.reshape(-1, *output.shape[2:]).index_select(0, index).unsqueeze(0), None
 
 
-def _encoder(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _pack_layers(model: nn.Module, replacing: tuple[str, ...]) -> list | None:
     """Give `model` the packed attention and hook its first and last layers; the hooks' handles, or
     None where the model (or its attention, or its device) is not one packing is done for."""
-    encoder = _encoder(model)
+    encoder = base_encoder(model)
     on_cpu = next(encoder.parameters()).device.type == "cpu"
     layers = encoder_layers(encoder) if on_cpu and hasattr(encoder, "config") else None
     if not layers or not give_attention(model, ATTENTION, _attention, padding_mask_only, replacing=replacing):
@@ -144,7 +140,7 @@ def packed_tokens(model: nn.Module) -> Iterator[bool]:
     """Within the block, inference of `model` (one of ATTENTION_MODELS with SDPA at inference, a PEFT
     model's base too) runs its encoder layers on real tokens only (see the module's docstring); yields
     whether it does. Afterwards the model is as it was. On a CPU only (GPUs are untried)."""
-    encoder = _encoder(model)
+    encoder = base_encoder(model)
     before = getattr(getattr(encoder, "config", None), "_attn_implementation", None)
     # a model packed to train (pack_tokens_to_train) has its hooks already
     hooks = [] if before == ATTENTION else _pack_layers(model, replacing=_SDPA_AT_INFERENCE)
