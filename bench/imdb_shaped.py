@@ -68,15 +68,20 @@ def build(arch: str, root: Path, n_train: int, n_eval: int, seed: int = 0) -> tu
 
 
 def train_flops_per_token(model_dir: Path, full: bool, mean_length: float) -> float:
-    """Model FLOPs of one training token: 2 per weight and multiply-add forward, plus attention
-    (QK^T and AV over the mean length); backward is twice the forward with weight gradients (full
-    fine-tuning) and once without (frozen weights need only input gradients; adapters are tiny)."""
+    """`flops_per_token` of the model saved in `model_dir`."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir))
-    hidden = getattr(config, "hidden_size", None) or config.dim
-    layers = getattr(config, "num_hidden_layers", None) or config.n_layers
-    ffn = getattr(config, "intermediate_size", None) or config.hidden_dim
+    return flops_per_token(layers=getattr(config, "num_hidden_layers", None) or config.n_layers,
+                           hidden=getattr(config, "hidden_size", None) or config.dim,
+                           ffn=getattr(config, "intermediate_size", None) or config.hidden_dim,
+                           full=full, mean_length=mean_length)
+
+
+def flops_per_token(layers: int, hidden: int, ffn: int, full: bool, mean_length: float) -> float:
+    """Model FLOPs of one training token: 2 per weight and multiply-add forward, plus attention
+    (QK^T and AV over the mean length); backward is twice the forward with weight gradients (full
+    fine-tuning) and once without (frozen weights need only input gradients; adapters are tiny)."""
     weights = layers * (4 * hidden * hidden + 2 * hidden * ffn)
     forward = 2 * weights + 2 * 2 * layers * mean_length * hidden
     return forward * (3 if full else 2)
