@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core: each worker (and the commands it starts) computes on one thread, or the
+    # workers' OpenMP threads spin against each other for the same cores. Set before torch loads.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import random
 from pathlib import Path
 from typing import Any

@@ -244,16 +244,16 @@ def test_non_finite_steps_are_skipped_up_to_the_limit_and_never_saved(make_confi
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(make_config, tmp_path):
-    """Six kills, some during checkpoint writes (one every step): each checkpoint is complete or
+    """Three kills, some during checkpoint writes (one every step): each checkpoint is complete or
     absent, resume always works, and the end result is the uninterrupted run's."""
-    straight = train(resumable(make_config, "straight", epochs=4, checkpoint_every=1))
-    config = resumable(make_config, "killed", epochs=4, checkpoint_every=1)
+    straight = train(resumable(make_config, "straight", epochs=2, checkpoint_every=1))
+    config = resumable(make_config, "killed", epochs=2, checkpoint_every=1)
     config_file = tmp_path / "killed.yaml"
     config_file.write_text(config.to_yaml())
     command = [sys.executable, "-m", "peftlab", "train", str(config_file), "resume=auto"]
     root = config.output.dir / "killed.incomplete" / "checkpoints"
     rng = random.Random(0)
-    for _ in range(6):
+    for _ in range(3):
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         before = _latest_step(root)
         deadline = time.monotonic() + 60
@@ -266,7 +266,7 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(make_config,
         for checkpoint in root.glob("step-*"):
             assert verify(checkpoint) is None, checkpoint
         assert not (config.output.dir / "killed").exists()
-    assert _latest_step(root) >= 6  # the kills interrupted a run that was making progress
+    assert _latest_step(root) >= 3  # the kills interrupted a run that was making progress
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_run(straight, config.output.dir / "killed")

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -58,11 +60,13 @@ def test_empty_text_names_the_row(tmp_path, text, what):
         splits_of(tmp_path, rows)
 
 
-@pytest.mark.parametrize("label, message", [(-1, "label -1 is negative"), (1.5, "label 1.5 is not an integer")])
+@pytest.mark.parametrize("label, message", [(True, "label True is a boolean"), (1.5, "label 1.5 is not an integer")])
 def test_bad_label_values_name_the_row(tmp_path, label, message):
+    # JSONL keeps the numbers' types (in a csv, -1 and 1.5 are text: names, see test_input_safety.py)
     rows = [{"text": "a", "label": 0}, {"text": "b", "label": 1}, {"text": "c", "label": label}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=rf"row 3, column 'label': {message}"):
-        splits_of(tmp_path, rows)
+        prepare_splits(DataConfig(train_file=tmp_path / "train.jsonl"))
 
 
 def test_label_outside_the_fixed_set(tmp_path):
@@ -128,14 +132,20 @@ def test_length_grouped_batches_cover_every_row_once_and_pad_less():
     assert list(grouped) == epoch1
 
 
-def test_tokens_are_cached_and_batches_padded_dynamically(tmp_path):
+def test_tokens_are_cached_and_batches_padded_dynamically(tmp_path, monkeypatch):
     splits = splits_of(tmp_path, toy_rows(64, seed=0).to_dict("records"), GOOD)
     tokenizer = build_tokenizer()
+    calls = []
+    tokenize = type(tokenizer).__call__  # counted: equal arrays alone cannot tell a cache hit from a miss
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or tokenize(self, *a, **k))
     first = encode(splits.train, splits.train_ids, tokenizer, 8, tmp_path / "cache")
     cached = list((tmp_path / "cache" / "tokens").glob("*.npz"))
     assert len(cached) == 1 and first.truncated > 0 and max(first.lengths) == 8
     again = encode(splits.train, splits.train_ids, tokenizer, 8, tmp_path / "cache")
     assert all((a == b).all() for a, b in zip(first.input_ids, again.input_ids))
+    assert len(calls) == 1 and again.truncated == first.truncated
+    encode(splits.train, splits.train_ids, build_tokenizer(), 8, tmp_path / "cache")  # a fresh tokenizer hits too
+    assert len(calls) == 1
     batch = next(iter(make_loader(first, 4, shuffle=False, group_by_length=False, seed=0, pad_id=0)))
     assert batch["input_ids"].shape[1] == max(first.lengths[:4])
     assert (batch["attention_mask"].sum(1).numpy() == first.lengths[:4]).all()

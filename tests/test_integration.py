@@ -7,40 +7,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peftlab.config import load_config, validate_config
+from peftlab.config import load_config
 from peftlab.runs import load_run
-from peftlab.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_lora_on_minilm_beats_the_majority_class(tmp_path):
-    config = validate_config({
-        "model": {"name": "minilm", "max_length": 64},
-        "data": {"source": "tweets", "n_train": 480, "n_eval": 300},
-        "method": {"kind": "lora", "r": 8, "alpha": 16, "targets": "attention"},
-        "train": {"epochs": 3, "lr": 1e-3, "batch_size": 16, "warmup_ratio": 0.1},
-        "output": {"dir": str(tmp_path), "name": "minilm", "progress": False, "cache_dir": str(tmp_path / "cache")},
-    })
-    summary = load_run(train(config)).summary
-    eval_counts = np.array(list(summary["data"]["eval_class_counts"].values()))
-    majority = eval_counts.max() / eval_counts.sum()
-    assert summary["best"]["accuracy"] > majority + 0.05, (summary["best"]["accuracy"], majority)
-    assert summary["trainable_share"] < 0.01
-
-
-def test_single_run_command_runs_end_to_end_and_eval_reproduces_it(tmp_path):
+def test_single_run_command_runs_end_to_end_learns_and_eval_reproduces_it(tmp_path):
+    """The shipped LoRA config on real tweets: beats the majority class with under 1% of the weights trained."""
     peftlab = [sys.executable, "-m", "peftlab"]
     overrides = [f"output.dir={tmp_path}", f"output.cache_dir={tmp_path / 'cache'}", "output.progress=false",
-                 "train.epochs=1"]  # the shipped config as it is otherwise
+                 "train.epochs=1", "data.n_train=800", "data.n_eval=300"]  # the shipped config otherwise
     done = subprocess.run([*peftlab, "train", str(ROOT / "configs" / "tweets-lora.yaml"), *overrides],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resolved config:" in done.stdout
     run = tmp_path / load_config(ROOT / "configs" / "tweets-lora.yaml").output.name
     summary = load_run(run).summary
-    assert summary["best"]["f1_macro"] > 0.5 and summary["data"]["n_train"] == 2000
+    assert summary["best"]["f1_macro"] > 0.5 and summary["data"]["n_train"] == 800
+    eval_counts = np.array(list(summary["data"]["eval_class_counts"].values()))
+    majority = eval_counts.max() / eval_counts.sum()
+    assert summary["best"]["accuracy"] > majority + 0.05, (summary["best"]["accuracy"], majority)
+    assert summary["trainable_share"] < 0.01
     again = subprocess.run([*peftlab, "eval", str(run)], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "matches the run's saved best evaluation" in again.stdout, again.stderr[-3000:]
 
@@ -48,7 +37,7 @@ def test_single_run_command_runs_end_to_end_and_eval_reproduces_it(tmp_path):
 def test_quickstart_study_runs_end_to_end_and_writes_its_report(tmp_path):
     """The README's quick start, at smaller sizes: every method, a report, a rerun that does nothing."""
     command = [sys.executable, "-m", "peftlab", "study", str(ROOT / "studies" / "quickstart.yaml"), "seeds=1",
-               "data.n_train=240", "data.n_eval=150", "train.epochs=1", f"output.dir={tmp_path}",
+               "data.n_train=160", "data.n_eval=96", "train.epochs=1", f"output.dir={tmp_path}",
                f"output.cache_dir={tmp_path / 'cache'}", "--no-progress"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -11,6 +11,7 @@ from conftest import write_study
 from peftlab.cli import main
 from peftlab.report import write_report
 from peftlab.results import collect
+from peftlab.runs import RunError
 from peftlab.study import load_study, run_study
 
 FIGURES = {"quality_vs_params.png", "quality_vs_time.png", "learning_curves.png", "sweep_r.png",
@@ -77,6 +78,16 @@ def test_report_lists_unfinished_runs_and_replaces_the_previous_report(finished_
     write_report([copy])
     assert not (copy / "report" / "stale.txt").exists()
     assert not [p for p in copy.iterdir() if p.name.startswith(".report")]  # no temp dirs left
+
+
+def test_report_never_replaces_a_directory_that_is_not_a_report(finished_study, tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep me")
+    with pytest.raises(RunError, match="is not a peftlab report"):
+        write_report([finished_study], out=folder)
+    assert (folder / "mine.txt").read_text() == "keep me"
+    assert write_report([finished_study], out=tmp_path / "empty-or-new") == tmp_path / "empty-or-new"
 
 
 def test_report_of_no_finished_runs_is_a_clear_error(tmp_path, capsys):

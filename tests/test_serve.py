@@ -17,9 +17,10 @@ import pytest
 
 from peftlab.batcher import MicroBatcher
 from peftlab.cli import main
-from peftlab.config import ServeSettings, validate_config
+from peftlab.config import ServeSettings
+from peftlab.config import validate_config
 from peftlab.inference import Classifier
-from peftlab.server import create_app
+from peftlab.server import create_app, uvicorn_config
 from peftlab.serving import ServedModel, ServeError
 from peftlab.train import train
 
@@ -166,9 +167,9 @@ class Server:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(create_app(served, ServeSettings(port=port, **settings)), host="127.0.0.1",
-                                port=port, log_level="warning")
-        self.server = uvicorn.Server(config)
+        options = ServeSettings(port=port, **settings)
+        self.app = create_app(served, options)
+        self.server = uvicorn.Server(uvicorn_config(self.app, options))  # the limits of `peftlab serve`
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -220,7 +221,9 @@ def test_predict_answers_in_the_text_embeddings_inference_shape(served, runs):
         status, info = status_and_json(server.url, "/info")
         assert info["adapters"]["mood"]["labels"] == labels and info["limits"]["max_batch_inputs"] == 32
         assert "api_key" not in info["limits"] and info["adapters"]["dora"]["mixed_batches"] is False
-        assert status_and_json(server.url, "/health") == (200, {"status": "ok"})
+        status, health = status_and_json(server.url, "/health")
+        assert status == 200 and health["status"] == "ok" and health["failed_passes_since"] == 0
+        assert 0 <= time.time() - health["last_success"] < 60
 
 
 def test_every_limit_answers_with_a_clear_json_error(served):
@@ -237,7 +240,13 @@ def test_every_limit_answers_with_a_clear_json_error(served):
             status, kind, message = error({"inputs": "good", "adapter": name})
             assert (status, kind) == (404, "NotFound") and "sentiment" in message
         assert error({"inputs": ["good"] * 5, "adapter": "sentiment"})[:2] == (413, "Validation")
-        assert error({"inputs": "good " * 2000, "adapter": "sentiment"})[:2] == (413, "Validation")
+        # the body's size, not the text's tokens (a text of 2000 words is over 16 tokens too)
+        status, kind, message = error({"inputs": "good " * 2000, "adapter": "sentiment"})
+        assert (status, kind) == (413, "Validation") and "over the limit of 4000 bytes" in message
+        status, text = chunked_post(server.url, b'{"inputs": "' + b"good " * 1000 + b'", "adapter": "sentiment"}')
+        assert status == 413 and "over the limit of 4000 bytes" in json.loads(text)["error"]
+        status, text = chunked_post(server.url, b'{"inputs": "good", "adapter": "sentiment"}')
+        assert status == 200 and len(json.loads(text)) == 2  # chunked bodies are read, within the limit
         long_text = "good " + "w1 " * 40
         status, kind, message = error({"inputs": long_text, "adapter": "sentiment"})
         assert status == 413 and "16 tokens" in message and "truncate" in message
@@ -249,7 +258,7 @@ def test_every_limit_answers_with_a_clear_json_error(served):
         assert error({"inputs": "good"})[:2] == (400, "Validation")  # three adapters: which one?
         status, metrics = call(server.url, "/metrics")
         assert 'peftlab_requests_total{adapter="",status="404"} 4.0' in metrics
-        assert 'peftlab_requests_total{adapter="sentiment",status="200"} 1.0' in metrics
+        assert 'peftlab_requests_total{adapter="sentiment",status="200"} 2.0' in metrics  # truncated, chunked
 
 
 def test_a_bearer_key_guards_everything_but_health(served):
@@ -262,35 +271,68 @@ def test_a_bearer_key_guards_everything_but_health(served):
         assert call(server.url, "/health")[0] == 200
 
 
-class SlowModel:
-    """The served model with a forward pass that takes `delay` seconds."""
+def chunked_post(url, body: bytes, chunk=512):
+    """POST /predict with Transfer-Encoding: chunked (no Content-Length)."""
+    import http.client
+    from urllib.parse import urlsplit
 
-    def __init__(self, served, delay):
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        connection.request("POST", "/predict", body=(body[i : i + chunk] for i in range(0, len(body), chunk)),
+                           headers={"Content-Type": "application/json"}, encode_chunked=True)
+        response = connection.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        connection.close()
+
+
+class SlowModel:
+    """The served model with a forward pass that takes `delay` seconds (the first `times` passes)."""
+
+    def __init__(self, served, delay, times=None):
         self.__dict__.update(served.__dict__)
-        self.served, self.delay = served, delay
+        self.served, self.delay, self.times = served, delay, times
 
     def probabilities(self, ids, adapters):
-        time.sleep(self.delay)
+        if self.times is None or self.times > 0:
+            self.times = None if self.times is None else self.times - 1
+            time.sleep(self.delay)
         return self.served.probabilities(ids, adapters)
 
     def info(self):
         return self.served.info()
 
 
+def metric(url, name):
+    line = next(line for line in call(url, "/metrics")[1].splitlines() if line.startswith(name + " "))
+    return float(line.split()[-1])
+
+
+def wait_for(condition, seconds=10.0, what="a condition"):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 def test_over_the_concurrency_limit_is_429_at_once_and_a_slow_answer_is_504(served):
-    with Server(SlowModel(served, 1.5), max_concurrent=1, timeout_s=0.5) as server:
+    with Server(SlowModel(served, 1.5, times=1), max_concurrent=1, timeout_s=0.5) as server:
         body = {"inputs": "good", "adapter": "sentiment"}
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(call, server.url, "/predict", body)
-            time.sleep(0.2)
+            wait_for(lambda: metric(server.url, "peftlab_requests_in_flight") == 1, what="the first request's slot")
             started = time.perf_counter()
             status, answer = status_and_json(server.url, "/predict", body)
             assert (status, answer["error_type"]) == (429, "Overloaded")
-            assert time.perf_counter() - started < 0.3
+            assert time.perf_counter() - started < 1.0  # at once: far less than the 1.5 s pass it would wait for
             status, text = first.result()
             assert status == 504 and json.loads(text)["error_type"] == "Timeout"
-        time.sleep(1.2)  # the slow pass ends; the server goes on serving
+        # the slow pass ends (its rows leave the queue); the server goes on serving
+        wait_for(lambda: metric(server.url, "peftlab_queue_rows") == 0, what="the slow pass to end")
         assert call(server.url, "/health")[0] == 200
+        status, answer = status_and_json(server.url, "/predict", body)
+        assert status == 200 and len(answer) == 2
 
 
 def test_a_bounded_load_of_mixed_adapters_finishes_with_no_failed_request(served, runs):

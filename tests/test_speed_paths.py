@@ -206,14 +206,17 @@ for round in range(2):  # 1,200 batch sizes, each a kernel of its own, met twice
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's kernel cache")
 def test_a_larger_kernel_cache_compiles_each_shape_once():
     """oneDNN's default cache holds 1,024 kernels: meeting 1,200 shapes again compiles them again."""
-    def compiled_in_second_round(mode: str) -> int:
+    def compiled_per_round(mode: str) -> list[int]:
         out = subprocess.run([sys.executable, "-c", _KERNELS_COMPILED_AGAIN, mode], capture_output=True, text=True,
                              check=True, env={k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
                              | {"ONEDNN_VERBOSE": "profile_create"})
-        return out.stdout.split("round 1")[1].count("create:cache_miss")
+        return [part.count("create:cache_miss") for part in out.stdout.split("round 1")]
 
-    assert compiled_in_second_round("default") > 1000
-    assert compiled_in_second_round("more") == 0
+    first, second = compiled_per_round("default")
+    if first <= 1024:  # the premise: more kernels than the default cache holds (AVX2-only CPUs create none)
+        pytest.skip(f"this CPU created {first} oneDNN kernels for 1,200 bf16 shapes: no kernel cache to overflow")
+    assert second > 1000
+    assert compiled_per_round("more")[1] == 0
 
 
 def test_a_kernel_cache_size_the_user_chose_is_kept(monkeypatch):

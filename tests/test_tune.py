@@ -13,7 +13,8 @@ from peftlab.tune import load_tune
 pytest.importorskip("optuna")
 
 
-def write_tune(tiny_models, toy_files, root, **spec):
+def write_tune(tiny_models, toy_files, root, train: dict | None = None, **spec):
+    """A tune file over the tiny BERT and the toy task; `train` changes the base config's train section."""
     path = root / "tune.yaml"
     path.write_text(yaml.safe_dump({
         "name": "toy-tune",
@@ -21,7 +22,7 @@ def write_tune(tiny_models, toy_files, root, **spec):
             "model": {"name": str(tiny_models["bert"]), "max_length": 32},
             "data": {"train_file": str(toy_files[0]), "eval_file": str(toy_files[1])},
             "method": {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "targets": "all-linear"},
-            "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3},
+            "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, **(train or {})},
             "output": {"dir": str(root / "runs"), "progress": False, "cache_dir": str(root / "cache")},
         },
         **spec,

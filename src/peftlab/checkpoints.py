@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from peftlab.durable import fsync_dir, fsync_file
 from peftlab.embedding_rows import full_weights
 
 MANIFEST = "manifest.json"
@@ -60,17 +63,17 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, st
         (tmp / _STATE).write_text(json.dumps(full_state, default=float), encoding="utf-8")
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:
-            _fsync(tmp / name)
+            fsync_file(tmp / name)
         manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        _fsync(tmp / MANIFEST)
+        fsync_file(tmp / MANIFEST)
         _swap_in(tmp, final)
-        _fsync_dir(root)
-    except OSError as exc:
+        fsync_dir(root)
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error, not OSError
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [c.name for c in _candidates(root) if c != final]
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write checkpoint {final} ({exc.strerror or exc}); {kept}") from exc
+        raise CheckpointError(f"could not write checkpoint {final} ({_reason(exc)}); {kept}") from exc
     for old in _candidates(root)[:-keep]:
         _remove(old)
     for leftover in root.glob(".step-*"):  # of writes or removals that a kill interrupted
@@ -78,11 +81,38 @@ def save_checkpoint(root: Path, model: torch.nn.Module, optimizer, scheduler, st
     return final
 
 
+def _reason(exc: BaseException) -> str:
+    """`No space left on device` from an OSError, or from safetensors' `... (os error 28)`."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    code = re.search(r"\(os error (\d+)\)", str(exc))
+    return os.strerror(int(code.group(1))) if code else str(exc)
+
+
+def abandon_after(root: Path, step: int) -> list[Path]:
+    """Resuming at `step` starts a new branch of the run: every later checkpoint belongs to the old
+    one. They are renamed to hidden `.abandoned-step-*` names (never resumed from, nor counted by
+    keep_checkpoints; removed with the other checkpoints when the run finishes) and the new names returned."""
+    moved = []
+    for path in _candidates(root):
+        if int(path.name.split("-", 1)[1]) <= step:
+            continue
+        target, n = root / f".abandoned-{path.name}", 2
+        while os.path.lexists(target):
+            target, n = root / f".abandoned-{path.name}-{n}", n + 1
+        os.replace(path, target)
+        moved.append(target)
+    if moved:
+        fsync_dir(root)
+    return moved
+
+
 def _aside(path: Path) -> Path:
     """Rename a checkpoint to a hidden name (not a candidate for resuming) and return that name."""
     hidden = path.with_name(f".{path.name}.old{os.getpid()}")
     shutil.rmtree(hidden, ignore_errors=True)
     os.replace(path, hidden)
+    fsync_dir(path.parent)
     return hidden
 
 
@@ -97,6 +127,7 @@ def _swap_in(tmp: Path, final: Path) -> None:
     is renamed aside, so a kill leaves it whole or the step absent."""
     if not final.exists():
         os.replace(tmp, final)
+        fsync_dir(final.parent)
         return
     old = _aside(final)
     try:
@@ -104,6 +135,7 @@ def _swap_in(tmp: Path, final: Path) -> None:
     except OSError:
         os.replace(old, final)
         raise
+    fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -148,22 +180,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # --------------------------------------------------------------------------- reading

@@ -99,6 +99,12 @@ def _tune(args: argparse.Namespace) -> int:
         best = record["best"]
         print(f"best: trial {best['number']} ({tune.directory / best['run']}) {tune.spec.metric} {best['value']:.4f} "
               f"with {best['params']}")
+    for number, error in record.get("failures", {}).items():
+        print(f"trial {number} failed: {error}", file=sys.stderr)
+    done = sum(t["state"] in ("COMPLETE", "PRUNED") for t in record["trials"])
+    if record.get("failures") and done < tune.spec.trials:
+        print(f"{done}/{tune.spec.trials} trials done; run the command again to go on", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -129,13 +135,13 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from peftlab.export import export_run
 
-    out = export_run(args.run, args.merged, onnx=args.onnx)
+    out = export_run(args.run, args.merged, onnx=args.onnx, force=args.force)
     print(f"exported {args.run} to {out}" + (" (with model.onnx, checked with onnxruntime)" if args.onnx else ""))
     return 0
 
 
 SERVE_OPTIONS = ("host", "port", "max_batch_inputs", "max_payload_bytes", "max_concurrent", "max_batch_tokens",
-                 "max_wait_ms", "timeout_s")
+                 "max_wait_ms", "timeout_s", "max_text_chars", "max_queue_rows", "read_timeout_s", "max_connections")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -160,8 +166,8 @@ def _serve(args: argparse.Namespace) -> int:
         specs.append((name, Path(path)))
     limits = {key: getattr(args, key) for key in SERVE_OPTIONS if getattr(args, key) is not None}
     try:
-        settings = ServeSettings(**limits, auto_truncate=args.auto_truncate,
-                                 api_key=os.environ.get("PEFTLAB_API_KEY") or None)
+        settings = ServeSettings(**limits, auto_truncate=args.auto_truncate, docs=args.docs,
+                                api_key=os.environ.get("PEFTLAB_API_KEY") or None)
     except ValidationError as exc:
         problems = [f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
         raise ServeError("; ".join(problems)) from None
@@ -212,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "weak trials are pruned on the per-epoch metric. Run it again, or on "
                                            "more machines with a shared `storage` URL, to go on.")
     tune.add_argument("tune", type=Path, help="tune YAML file")
-    tune.add_argument("overrides", nargs="*", help="trials=N, storage=URL, or base-config overrides")
+    tune.add_argument("overrides", nargs="*",
+                      help="trials=N, storage=URL (or storage=env:VARNAME), or base-config overrides")
     tune.add_argument("--dry-run", action="store_true", help="validate the space and exit")
     tune.set_defaults(func=_tune)
 
@@ -238,8 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a run as a plain transformers model (adapters merged)")
     export.add_argument("run", type=Path, help="run directory")
-    export.add_argument("--merged", type=Path, required=True, help="output directory")
+    export.add_argument("--merged", type=Path, required=True,
+                        help="output directory: new or empty (an existing export only with --force)")
     export.add_argument("--onnx", action="store_true", help="also write model.onnx, verified with onnxruntime")
+    export.add_argument("--force", action="store_true",
+                        help="replace an earlier peftlab export at --merged (never anything else)")
     export.set_defaults(func=_export)
 
     serve = commands.add_parser(
@@ -261,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"{field.description or key} (default {field.default})")
     serve.add_argument("--auto-truncate", action="store_true",
                        help="truncate over-long texts unless a request says \"truncate\": false (default: 413)")
+    serve.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (default: off)")
     serve.set_defaults(func=_serve)
     return parser
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -263,18 +263,45 @@ class TrainConfig(_Strict):
         return self
 
 
+# A run's name is one plain path component: the adapter-name rule of serving.py (a letter or digit,
+# then letters, digits, '_', '.', '-'), plus '+' and up to 128 characters, as `peftlab study` names runs
+# after their grid values (`lora_targetsq_lin+v_lin-seed42`). Matched with re.fullmatch: no `..`, no
+# `/`, no absolute path, no trailing newline.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+UNFINISHED_SUFFIX = ".incomplete"
+
+
+def run_name_problem(name: str) -> str | None:
+    """None for a valid run name; else what is wrong with it."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+        return (f"{name!r} is not a plain name: use letters, digits, '_', '-', '.' or '+', starting with a letter "
+                "or digit (at most 128), no path separators")
+    if name.endswith(UNFINISHED_SUFFIX):
+        return f"{name!r} ends with {UNFINISHED_SUFFIX}, the suffix of unfinished runs"
+    return None
+
+
 class OutputConfig(_Strict):
     dir: Path = Path("runs")
     """Parent directory of run directories."""
     name: str | None = None
-    """Run directory name; default `<method>-<timestamp>`."""
+    """Run directory name, a plain name inside `dir` (letters, digits, `_ - . +`); default `<method>-<timestamp>`."""
     overwrite: bool = False
-    """Replace an existing finished run of the same name (only once the new one finishes)."""
+    """Replace an existing finished run of the same name (only once the new one finishes), and start
+    afresh over the checkpoints of an unfinished one; never replaces what is not a peftlab run."""
     save_model: bool = True
     progress: bool = True
     """Show progress bars."""
     cache_dir: Path | None = None
     """Token cache; default `$PEFTLAB_CACHE` or `~/.cache/peftlab`."""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        problem = None if name is None else run_name_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
 
 
 # Adapters train a few fresh weights and need far higher rates than full fine-tuning; these are the
@@ -450,3 +477,9 @@ class ServeSettings(_Strict):
     timeout_s: float = Field(30.0, gt=0, description="seconds per request; past it, 504")
     auto_truncate: bool = Field(False, description="truncate over-long texts when a request does not say")
     api_key: str | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
+    max_text_chars: int = Field(100_000, ge=1, description="characters per text; more is 413 (truncated or not)")
+    max_queue_rows: int = Field(4096, ge=1, description="texts waiting for or in a forward pass; more is 429")
+    read_timeout_s: float = Field(10.0, gt=0, description="seconds to send a request's headers, and its body; "
+                                                         "past it, 408 or the connection is closed")
+    max_connections: int = Field(1024, ge=1, description="open connections; past it, 503")
+    docs: bool = Field(False, description="serve /docs and /openapi.json")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
+import csv
 import hashlib
-import io
 import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,6 +20,7 @@ import torch
 
 from peftlab.assets import DATASET_ALIASES
 from peftlab.config import DataConfig
+from peftlab.durable import fsync_dir
 
 
 class DataError(ValueError):
@@ -58,8 +61,67 @@ class Columns:
     encoding: str
 
 
+def reading_encoding(encoding: str, option: str = "data.encoding") -> str:
+    """The codec to read with: utf-8 as utf-8-sig, which drops the byte-order mark that Excel and
+    Notepad put first (it would otherwise stick to the first column name or break the first JSON line)."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise DataError(f"{option} {encoding!r} is not a known text encoding") from None
+    return "utf-8-sig" if name == "utf-8" else encoding
+
+
+def text_lines(handle) -> Iterator[str]:
+    """Lines of a text handle opened without newline translation (newline=LF), less their LF or CR LF.
+    Unlike str.splitlines() this never breaks at U+2028, U+2029 or U+0085, which JSON strings may hold."""
+    for line in handle:
+        if line.endswith("\n"):
+            line = line[:-1]
+        yield line[:-1] if line.endswith("\r") else line
+
+
+def jsonl_records(path: Path, encoding: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line, streamed. Undecodable bytes raise UnicodeDecodeError:
+    callers turn it into `undecodable_error`."""
+    with open(path, encoding=reading_encoding(encoding), newline="\n") as handle:
+        for number, line in enumerate(text_lines(handle), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+
+
+def delimited_options(suffix: str) -> dict[str, Any]:
+    """pandas.read_csv options for .csv / .tsv. TSV has no quoting: a text that starts with `"`
+    is text, not the start of a quoted field that would swallow the rows after it."""
+    if suffix == ".tsv":
+        return {"sep": "\t", "quoting": csv.QUOTE_NONE}
+    return {"sep": ",", "quoting": csv.QUOTE_MINIMAL}
+
+
+def undecodable_error(path: Path, encoding: str, hint: str = "set data.encoding to the file's encoding "
+                      "(e.g. data.encoding=latin-1)") -> DataError:
+    """The error for a file that is not valid `encoding`, naming the line of the first bad byte.
+    Only this error path decodes the file again, streamed, to find that line."""
+    codec = reading_encoding(encoding)
+    decoder = codecs.getincrementaldecoder(codec)()
+    line = 1
+    with open(path, "rb") as handle:
+        try:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                line += decoder.decode(block).count("\n")
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            line += codecs.decode(exc.object[: exc.start], codec, "replace").count("\n")
+            return DataError(f"{path}: line {line}: byte {exc.object[exc.start]:#04x} is not valid {encoding}; {hint}")
+    return DataError(f"{path}: not valid {encoding}; {hint}")
+
+
 def read_file(path: Path, encoding: str) -> pd.DataFrame:
-    """Read a csv / jsonl / parquet file; undecodable bytes and bad lines are named by line."""
+    """Read a csv / tsv / jsonl / parquet file from its path (never whole into memory as bytes or text);
+    undecodable bytes and bad lines are named by line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
@@ -68,31 +130,31 @@ def read_file(path: Path, encoding: str) -> pd.DataFrame:
         return pd.read_parquet(path)
     if suffix not in (".csv", ".tsv", ".jsonl", ".json"):
         raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv, .jsonl or .parquet)")
-    raw = path.read_bytes()
+    codec = reading_encoding(encoding)
     try:
-        text = raw.decode(encoding)
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}: line {line}: byte {raw[exc.start]:#04x} is not valid {encoding}; "
-            f"set data.encoding to the file's encoding (e.g. data.encoding=latin-1)"
-        ) from None
-    except LookupError:
-        raise DataError(f"data.encoding {encoding!r} is not a known text encoding") from None
-    if suffix in (".csv", ".tsv"):
-        try:
-            return pd.read_csv(io.StringIO(text), sep="\t" if suffix == ".tsv" else ",", dtype=object,
-                               keep_default_na=False, na_values=[""])
-        except pd.errors.ParserError as exc:
-            raise DataError(f"{path}: not valid CSV: {exc}") from None
+        if suffix in (".csv", ".tsv"):
+            return _read_delimited(path, suffix, codec)
+        return _read_jsonl(path, encoding)
+    except UnicodeDecodeError:
+        raise undecodable_error(path, encoding) from None
+
+
+def _read_delimited(path: Path, suffix: str, codec: str) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype=object, keep_default_na=False, na_values=[""], encoding=codec,
+                           **delimited_options(suffix))
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path}: not valid CSV: {exc}") from None
+
+
+def _read_jsonl(path: Path, encoding: str) -> pd.DataFrame:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
-    return pd.DataFrame.from_records(records)
+    for number, record in jsonl_records(path, encoding):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {number}: not a JSON object")
+        records.append(record)
+    # object columns keep the parsed values as they are: no copy of the texts, no int-to-float promotion
+    return pd.DataFrame(records, dtype=object)
 
 
 def _table_from_frame(frame: pd.DataFrame, columns: Columns, origin: str,
@@ -111,45 +173,59 @@ def _table_from_frame(frame: pd.DataFrame, columns: Columns, origin: str,
         pairs = _checked_texts(frame[columns.pair].tolist(), origin, columns.pair, rows)
     labels = frame[columns.label].tolist()
     if label_names is not None:  # hub ClassLabel: integers that stand for names
-        labels = [label_names[v] if isinstance(v, (int, np.integer)) and 0 <= v < len(label_names) else v
-                  for v in labels]
+        labels = [_class_label_name(v, label_names, origin, columns.label, row) for v, row in zip(labels, rows)]
     labels = [_checked_label(v, origin, columns.label, row) for v, row in zip(labels, rows)]
     return Table(origin=origin, texts=texts, pairs=pairs, labels=labels, rows=rows)
 
 
+def _class_label_name(value: Any, names: list[str], origin: str, column: str, row: int) -> Any:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+        return value
+    if not 0 <= value < len(names):  # the hub marks unlabelled rows (test splits) with -1
+        raise DataError(f"{origin}: row {row}, column {column!r}: label {value} is not one of the dataset's "
+                        f"{len(names)} classes (unlabelled rows must be removed)")
+    return names[value]
+
+
+def text_problem(value: Any) -> str | None:
+    """Why `value` cannot be classified ("missing", "empty", "not text (…)"), or None when it can."""
+    if isinstance(value, str):
+        return None if value.strip() else "empty"
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "missing"
+    return f"not text ({type(value).__name__} {value!r})"
+
+
 def _checked_texts(values: list[Any], origin: str, column: str, rows: np.ndarray) -> list[str]:
     for value, row in zip(values, rows):
-        if not isinstance(value, str) or not value.strip():
-            what = "missing" if value is None or (isinstance(value, float) and math.isnan(value)) else (
-                "empty" if isinstance(value, str) else f"not text ({type(value).__name__} {value!r})")
+        if (what := text_problem(value)) is not None:
             raise DataError(f"{origin}: row {row}, column {column!r}: text is {what}")
     return values
 
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+)")
+# Class ids are written one way only, so "007" and "7" (or "+7", "7.0") stay distinct names.
+_CLASS_ID = re.compile(r"0|[1-9][0-9]*")
 
 
 def _checked_label(value: Any, origin: str, column: str, row: int) -> str | int:
     where = f"{origin}: row {row}, column {column!r}"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise DataError(f"{where}: label is missing")
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        value = float(value) if any(c in value for c in ".eE") else int(value)  # csv cells are text
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         raise DataError(f"{where}: label {value!r} is a boolean; use strings or integers")
     if isinstance(value, (float, np.floating)):
+        # A typed number (JSON, parquet) with a fraction is a measurement, not a class: refuse it rather
+        # than make a class of every value. Whole floats are ints that a missing value turned into floats.
         if not float(value).is_integer():
             raise DataError(f"{where}: label {value!r} is not an integer or a name")
         value = int(value)
     if isinstance(value, (int, np.integer)):
-        if value < 0:
-            raise DataError(f"{where}: label {value} is negative (unlabelled rows must be removed)")
-        return int(value)
+        return int(value) if value >= 0 else str(int(value))  # -1 is a name like "neg", not a class id
     if isinstance(value, str):
         value = value.strip()
         if not value:
             raise DataError(f"{where}: label is empty")
-        return value
+        return int(value) if _CLASS_ID.fullmatch(value) else value  # csv cells are text
     raise DataError(f"{where}: label {value!r} is of type {type(value).__name__}; use strings or integers")
 
 
@@ -327,8 +403,10 @@ def encode(table: Table, label_ids: np.ndarray, tokenizer, max_length: int, cach
     if path.is_file():
         try:
             return _read_tokens(path, label_ids, with_types)
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache entry is rebuilt below
+        except Exception as exc:  # noqa: BLE001 - a damaged zip fails in many ways (BadZipFile, EOFError, ...)
+            # A cache is only a copy: a damaged entry (cut short, overwritten) is rebuilt, never fatal.
+            warnings.warn(f"token cache {path} is damaged ({type(exc).__name__}: {exc}); tokenising again",
+                          stacklevel=2)
     full = tokenizer(table.texts, table.pairs, truncation=True, max_length=max_length,
                      return_attention_mask=False, return_token_type_ids=with_types)
     # Fast tokenizers keep what truncation cut off, so counting truncated texts needs no second pass.
@@ -341,14 +419,25 @@ def encode(table: Table, label_ids: np.ndarray, tokenizer, max_length: int, cach
 
 def _cache_key(table: Table, tokenizer, max_length: int) -> str:
     digest = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    digest.update(_tokenizer_identity(tokenizer).encode())
     digest.update(f"|{max_length}|{tokenizer.model_input_names}|".encode())
     for texts in (table.texts, table.pairs or []):
         digest.update(str(len(texts)).encode())
         for text in texts:
             digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
     return digest.hexdigest()[:32]
+
+
+def _tokenizer_identity(tokenizer) -> str:
+    """What makes the tokenizer's output, without the truncation and padding state that transformers
+    sets on the backend at each call: keyed with it, the same tokenizer missed the cache once used."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return repr(tokenizer)
+    state = json.loads(backend.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    return json.dumps(state, sort_keys=True)
 
 
 def _write_tokens(path: Path, ids: list[np.ndarray], types: list[np.ndarray] | None, truncated: int) -> None:
@@ -361,17 +450,24 @@ def _write_tokens(path: Path, ids: list[np.ndarray], types: list[np.ndarray] | N
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     with open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())  # the bytes are on disk before the name is: a crash leaves no empty entry
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _read_tokens(path: Path, label_ids: np.ndarray, with_types: bool) -> Encoded:
     with np.load(path, allow_pickle=False) as stored:
         offsets = stored["offsets"]
         flat = stored["ids"]
+        if len(offsets) != len(label_ids) + 1 or offsets[0] != 0 or offsets[-1] != len(flat):
+            raise ValueError(f"holds {len(offsets) - 1} texts' offsets for {len(label_ids)} texts")
         ids = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         types = None
         if with_types:
             flat_types = stored["types"]
+            if len(flat_types) != len(flat):
+                raise ValueError(f"holds {len(flat_types)} token types for {len(flat)} tokens")
             types = [flat_types[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         return Encoded(ids, types, label_ids, int(stored["truncated"]))
 

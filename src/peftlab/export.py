@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from peftlab.runs import FinishedRun, load_run, replace_directory
+from peftlab.runs import FinishedRun, is_empty_dir, load_run, replace_directory
+
+# Marks a directory as peftlab's export: the only thing besides an empty directory that an export
+# may replace, and that only with --force.
+EXPORT_MARKER = "peftlab_export.json"
+EXPORT_FORMAT = "peftlab-export"
 
 
 class ExportError(RuntimeError):
@@ -32,11 +40,36 @@ def merged_model(run: FinishedRun) -> torch.nn.Module:
     return model.eval()
 
 
-def export_run(path: Path | str, out: Path, onnx: bool = False) -> Path:
+def is_export(path: Path) -> bool:
+    """A directory (not a link) holding peftlab's export marker."""
+    marker = Path(path) / EXPORT_MARKER
+    if Path(path).is_symlink() or not Path(path).is_dir() or marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_export_target(out: Path, force: bool = False) -> None:
+    """An export goes where nothing is, into an empty directory, or, with `force`, over an earlier
+    export; anything else at `out` is refused and left as it is."""
+    if not os.path.lexists(out) or is_empty_dir(out):
+        return
+    if not is_export(out):
+        raise ExportError(f"{out} exists and is not a peftlab export; choose another directory (nothing was changed)")
+    if not force:
+        raise ExportError(f"{out} holds an earlier peftlab export; pass --force to replace it")
+
+
+def export_run(path: Path | str, out: Path, onnx: bool = False, force: bool = False) -> Path:
     """Write `out/` (config.json with id2label/label2id, model.safetensors, tokenizer, README.md model
-    card, and model.onnx with `onnx`), built aside and swapped in whole."""
+    card, peftlab_export.json, and model.onnx with `onnx`), built aside and swapped in whole. `out`
+    must be free or empty; `force` replaces an earlier export there, never anything else."""
     from peftlab.models import load_tokenizer
 
+    out = Path(out)
+    check_export_target(out, force)  # before any work
     run = load_run(path)
     model = merged_model(run)
     tokenizer = load_tokenizer(str(run.model_dir))
@@ -48,9 +81,13 @@ def export_run(path: Path | str, out: Path, onnx: bool = False) -> Path:
         (directory / "README.md").write_text(model_card(run), encoding="utf-8")
         if onnx:
             export_onnx(model, tokenizer, directory / "model.onnx", run.config.model.max_length)
+        (directory / EXPORT_MARKER).write_text(json.dumps(
+            {"format": EXPORT_FORMAT, "version": 1, "run": run.path.name,
+             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n", encoding="utf-8")
+        check_export_target(out, force)  # again: nothing foreign appeared there meanwhile
 
-    replace_directory(build, Path(out))
-    return Path(out)
+    replace_directory(build, out)
+    return out
 
 
 def export_onnx(model: torch.nn.Module, tokenizer, path: Path, max_length: int) -> None:

@@ -241,23 +241,70 @@ def save_trained(model: nn.Module, method, directory: Path, trained: dict[str, t
     model.save_pretrained(directory, safe_serialization=True, **({"state_dict": trained} if trained else {}))
 
 
-def load_trained(directory: Path, method, base_factory: Callable[[], nn.Module]) -> nn.Module:
-    """Rebuild a saved model: base from `base_factory` plus the saved adapter / head / weights."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _pickled_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES)) \
+        if directory.is_dir() else []
+
+
+def _require_safetensors(directory: Path, expected: tuple[str, ...], allow_pickle: bool) -> bool:
+    """True when one of the `expected` safetensors files is there; otherwise refuse pickled weights
+    (naming the file) unless `allow_pickle`, and say so when there are no weights at all. Returns False
+    only when pickled weights are allowed and are what the directory holds."""
+    from peftlab.models import ModelLoadError
+
+    if any((directory / name).is_file() for name in expected):
+        return True
+    pickled = _pickled_files(directory)
+    if pickled and not allow_pickle:
+        raise ModelLoadError(
+            f"{directory / pickled[0]}: pickled weights; peftlab loads safetensors only "
+            f"(expected {expected[0]}) unless the run's config sets model.allow_pickle=true")
+    if not pickled:
+        raise ModelLoadError(f"{directory} holds no saved weights (expected {expected[0]})")
+    return False
+
+
+def load_trained(directory: Path, method, base_factory: Callable[[], nn.Module],
+                 allow_pickle: bool = False) -> nn.Module:
+    """Rebuild a saved model: base from `base_factory` plus the saved adapter / head / weights.
+
+    Safetensors only: a directory whose weights are pickled (adapter_model.bin, pytorch_model.bin,
+    a head in .bin/.pt) is refused before anything is unpickled, unless `allow_pickle` (the run's
+    model.allow_pickle)."""
     directory = Path(directory)
     if isinstance(method, FullMethod):
         from peftlab.models import load_classifier
 
-        return load_classifier(str(directory))
-    base = base_factory()
+        _require_safetensors(directory, ("model.safetensors", "model.safetensors.index.json"), allow_pickle)
+        return load_classifier(str(directory), allow_pickle=allow_pickle)
     if isinstance(method, HeadMethod):
-        from safetensors.torch import load_file
+        safe = _require_safetensors(directory, (HEAD_WEIGHTS,), allow_pickle)
+        base = base_factory()
+        if safe:
+            from safetensors.torch import load_file
 
-        state = load_file(str(directory / HEAD_WEIGHTS))
+            source = directory / HEAD_WEIGHTS
+            state = load_file(str(source))
+        else:  # allowed by model.allow_pickle; tensors only all the same
+            source = directory / _pickled_files(directory)[0]
+            state = torch.load(source, map_location="cpu", weights_only=True)
         missing = [k for k in state if k not in base.state_dict()]
         if missing:
-            raise MethodError(f"{directory / HEAD_WEIGHTS}: weights {missing[:3]} do not fit the base model")
+            raise MethodError(f"{source}: weights {missing[:3]} do not fit the base model")
         base.load_state_dict(state, strict=False)
         return base
+    _require_safetensors(directory, ("adapter_model.safetensors",), allow_pickle)
+    base = base_factory()
+    import inspect
+
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(directory))
+    # A peft that takes use_safetensors is told so too; peft 0.21 does not take it, and loads the
+    # adapter_model.safetensors checked above (it prefers it to a .bin beside it).
+    takes = any("use_safetensors" in inspect.signature(f).parameters
+                for f in (PeftModel.from_pretrained, PeftModel.load_adapter))
+    extra = {"use_safetensors": True} if takes and not allow_pickle else {}
+    return PeftModel.from_pretrained(base, str(directory), **extra)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from peftlab.config import RunConfig, TrainConfig, apply_overrides, parse_overrides, validate_config
+from peftlab.config import ModelConfig, RunConfig, TrainConfig, apply_overrides, parse_overrides, validate_config
 from peftlab.data import Encoded, Splits, encode, make_loader, prepare_splits
 from peftlab.models import load_base, load_tokenizer
 from peftlab.sharding import is_sharded, load_in_every_process, shard_on_cpu, sharding_requested
@@ -45,6 +46,65 @@ def prepare_data(config: RunConfig) -> RunData:
     train = encode(splits.train, splits.train_ids, tokenizer, config.model.max_length, cache)
     evaluation = encode(splits.eval, splits.eval_ids, tokenizer, config.model.max_length, cache)
     return RunData(splits, tokenizer, train, evaluation)
+
+
+def run_identity(config: RunConfig, data: RunData) -> dict[str, Any]:
+    """What decides a run's result beside its config, kept in its checkpoints so that a resume can
+    refuse to go on where one of them changed: the examples as trained on (tokens and labels of both
+    splits), the label names in order, and the content of the base model's files."""
+    return {"data": data_fingerprint(data), "labels": list(data.splits.labels.names),
+            "base_model": base_model_hash(config.model)}
+
+
+def data_fingerprint(data: RunData) -> str:
+    """sha256 of both splits as the model sees them: every text's token ids (and token types, which
+    cover the tokenizer, data.max_length and the texts themselves) and its label id."""
+    digest = hashlib.sha256()
+    for split in (data.train, data.eval):
+        lengths = split.lengths
+        digest.update(f"|{len(split)}|".encode())
+        digest.update(lengths.astype(np.int64).tobytes())
+        digest.update(np.concatenate(split.input_ids).astype(np.int64).tobytes() if len(split) else b"")
+        if split.token_type_ids is not None:
+            digest.update(b"|types|" + (np.concatenate(split.token_type_ids).astype(np.int8).tobytes()
+                                        if len(split) else b""))
+        digest.update(b"|labels|" + np.asarray(split.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+BASE_MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "config.json")
+
+
+def base_model_hash(cfg: ModelConfig) -> str | None:
+    """sha256 of the base model's weight files and config.json (names, sizes, bytes): a local
+    directory, the packaged alias, or a hub model's cached snapshot; None where no files are found."""
+    from peftlab.assets import resolve_model_name
+
+    directory = _model_directory(resolve_model_name(cfg.name))
+    if directory is None:
+        return None
+    files = sorted({f for pattern in BASE_MODEL_FILES for f in directory.glob(pattern) if f.is_file()})
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"|{file.name}|{file.stat().st_size}|".encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_directory(name: str) -> Path | None:
+    if Path(name).is_dir():
+        return Path(name)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a hub name, or no hub client: nothing to hash
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def eval_loader(data: RunData, cfg: TrainConfig, pad_multiple: int = 1):
@@ -89,7 +149,8 @@ def load_run_model(run) -> torch.nn.Module:
     from peftlab.methods import load_trained
 
     labels = dict(enumerate(run.labels))
-    return load_trained(run.model_dir, run.config.method, lambda: load_base(run.config.model, labels))
+    return load_trained(run.model_dir, run.config.method, lambda: load_base(run.config.model, labels),
+                        allow_pickle=run.config.model.allow_pickle)
 
 
 def evaluate_run(path: Path | str, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -6,13 +6,14 @@ import base64
 import html
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from peftlab import plots
 from peftlab.results import ResultSet, collect
-from peftlab.runs import LABELS, replace_directory
+from peftlab.runs import LABELS, RunError, is_empty_dir, replace_directory
 
 REPORT_DIR = "report"
 SWEEP_KEYS = ("method.r", "data.n_train")
@@ -163,9 +164,20 @@ def write_report(paths: list[Path], out: Path | None = None) -> Path:
         (directory / "report.md").write_text(_markdown(results, made, figures), encoding="utf-8")
         (directory / "report.html").write_text(_html(results, made, figures, directory), encoding="utf-8")
 
+    _check_report_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     replace_directory(build, out)
     return out
+
+
+def _check_report_target(out: Path) -> None:
+    """Only an earlier report (or nothing, or an empty directory) is replaced: `--out ~/docs` must not
+    delete a user's folder."""
+    if not os.path.lexists(out) or is_empty_dir(out):
+        return
+    if out.is_symlink() or not out.is_dir() or not (out / "report.md").is_file():
+        raise RunError(f"{out} exists and is not a peftlab report; choose another --out (an earlier report, "
+                       "an empty directory or a new path)")
 
 
 def _facts(results: ResultSet) -> list[str]:

@@ -25,7 +25,7 @@ from torch import nn
 from peftlab.attention_kernels import planless_attention
 from peftlab.packed_tokens import packed_tokens
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class ServeError(ValueError):
@@ -190,7 +190,8 @@ class ServedModel:
 
 
 def _check_name(name: str, taken: dict) -> None:
-    if not ADAPTER_NAME.match(name):
+    # fullmatch: with match, "$" also matches before a final newline and "abc\n" would pass
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
         raise ServeError(f"adapter name {name!r}: use letters, digits, '_', '-' or '.', starting with a letter "
                          "or digit (at most 64)")
     if name in taken:

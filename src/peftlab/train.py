@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from peftlab.attention_kernels import planless_attention
 from peftlab.checkpoints import (
     Checkpoint,
     CheckpointError,
+    abandon_after,
     find_checkpoint,
     read_checkpoint,
     restore_optimizer,
@@ -53,8 +55,8 @@ from peftlab.metrics import headline, is_better, load_scorers
 from peftlab.models import load_base
 from peftlab.packed_linear import pack_frozen_linears
 from peftlab.packed_tokens import pack_tokens_to_train
-from peftlab.pipeline import RunData, TrainingSetupError, eval_loader, make_accelerator, prepare_data
-from peftlab.runs import CHECKPOINTS, CONFIG, LABELS, RunDir
+from peftlab.pipeline import RunData, TrainingSetupError, eval_loader, make_accelerator, prepare_data, run_identity
+from peftlab.runs import CHECKPOINTS, CONFIG, LABELS, RunDir, RunError
 from peftlab.sharding import gathered_optimizer, gathered_trainable, is_sharded
 from peftlab.step_passes import (
     GRAPH_LENGTH_STEP,
@@ -292,7 +294,18 @@ def train(config: RunConfig, resume: str | Path | None = None,
           after_eval: Callable[[dict], bool] | None = None) -> Path:
     """Validate, load, train, evaluate, save: returns the finished run directory. `resume`: "auto"
     (the latest complete checkpoint of this run, or a fresh start) or the path of one checkpoint.
-    `after_eval(record)` sees every evaluation; True ends training after the epoch (a pruned trial)."""
+    `after_eval(record)` sees every evaluation; True ends training after the epoch (a pruned trial).
+    The run's lock (runs.RunLock) is held from the start until the run is in place, and let go
+    whichever way train() ends."""
+    if resume is not None and not config.output.name:
+        raise RunError(f"resume={resume} needs output.name, the name of the run to continue (without it each "
+                       "start is a new run named after the time)")
+    with ExitStack() as cleanup:
+        return _train(config, resume, after_eval, cleanup)
+
+
+def _train(config: RunConfig, resume: str | Path | None, after_eval: Callable[[dict], bool] | None,
+           cleanup: ExitStack) -> Path:
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -313,12 +326,19 @@ def train(config: RunConfig, resume: str | Path | None = None,
     if accelerator.device.type == "cpu":
         environment.keep_freed_memory()
         environment.cache_more_cpu_kernels()
-    run = RunDir.reserve(config.output, config.method.kind) if accelerator.is_main_process else None
+    run = RunDir.reserve(config.output, config.method.kind, resume) if accelerator.is_main_process else None
+    if run:
+        cleanup.callback(run.release)
     checkpoint = _checkpoint_to_resume(run, config, resume) if run and resume else None
     checkpoint = _shared_checkpoint(checkpoint, accelerator)
     with accelerator.main_process_first():  # the others read the tokens it caches
         data = prepare_data(config)
     names = data.splits.labels.names
+    identity = run_identity(config, data) if run else None
+    if run and checkpoint:
+        _check_identity(checkpoint, identity)
+        for path in abandon_after(run.work / CHECKPOINTS, checkpoint.state["progress"]["step"]):
+            tqdm_write(f"peftlab: set aside the checkpoint after the one resumed from, as {path.name}")
     load_scorers()
     set_seed(config.train.seed)
     model = apply_method(load_base(config.model, data.splits.labels.id2label), config.method)
@@ -386,12 +406,13 @@ def train(config: RunConfig, resume: str | Path | None = None,
             _refuse_non_finite(whole[0] if whole else _trained_parameters(unwrapped))
             saved = save_checkpoint(run.work / CHECKPOINTS, unwrapped, optimizer, scheduler,
                                     {"progress": asdict(progress), "metrics_lines": run.log_lines(),
-                                     "accumulation_step": accelerator.step,
+                                     "identity": identity, "accumulation_step": accelerator.step,
                                      "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None},
                                     keep=cfg.keep_checkpoints, sharded=whole)
         if stop.agreed(accelerator):  # every process checkpoints here, so every process asks
+            again = "resume=auto" if config.output.name or not run else f"resume=auto output.name={run.final.name}"
             raise TrainingInterrupted(stop.reason, f"stopped by {stop.reason} after step {progress.step}; "
-                                      f"checkpoint {saved}; run the same command with resume=auto to go on")
+                                      f"checkpoint {saved}; run the same command with {again} to go on")
 
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     with StopOnSignal() as stop:
@@ -479,8 +500,30 @@ def _checkpoint_to_resume(run: RunDir, config: RunConfig, resume: str | Path) ->
     changed = config_differences(saved, config.model_dump(mode="json"), ignore=RESUMABLE_CHANGES)
     if changed:
         raise CheckpointError(f"{run.work} was started with another config ({'; '.join(changed[:5])}); resume with "
-                              "the same config, or leave out resume to start afresh")
+                              "the same config, or set output.overwrite=true to start afresh")
     return checkpoint
+
+
+IDENTITY_NAMES = {"data": "the training or evaluation data (texts, their labels or tokenization)",
+                  "labels": "the label names", "base_model": "the base model's weights (model.name's files)"}
+
+
+def _check_identity(checkpoint: Checkpoint, current: dict[str, Any]) -> None:
+    """Refuse a resume where the data, the label names or the base weights differ from the checkpoint's;
+    a checkpoint written before they were kept is accepted with a warning."""
+    saved = checkpoint.state.get("identity")
+    if not saved:
+        tqdm_write(f"peftlab: warning: checkpoint {checkpoint.path.name} predates the data, label and base model "
+                   "fingerprints; resuming without checking that they are unchanged")
+        return
+    changed = []
+    for key, what in IDENTITY_NAMES.items():
+        there, here = saved.get(key), current.get(key)
+        if there is not None and here is not None and there != here:
+            changed.append(f"{what} ({there} there, {here} here)" if key == "labels" else what)
+    if changed:
+        raise CheckpointError(f"checkpoint {checkpoint.path} was written for other inputs: {'; '.join(changed)} "
+                              "changed since; resume with the same ones, or set output.overwrite=true to start afresh")
 
 
 def _shared_checkpoint(checkpoint: Checkpoint | None, accelerator) -> Checkpoint | None:

@@ -13,11 +13,20 @@ A tune file is a study file's base config plus a search space:
 
 Trials are stored in Optuna's storage: SQLite in the tune directory by default, or a database URL
 shared by many `peftlab tune` processes on many machines, which then share the work. Running the
-command again goes on until `trials` trials are complete or pruned.
+command again goes on until `trials` trials are complete or pruned. `storage: env:VARNAME` takes the
+URL from that environment variable (so that its password is in no file); the URL's password is
+printed and saved as `***`.
+
+A trial that fails on its own account (non-finite loss, a setting the model or config refuses, out of
+GPU memory) is recorded as FAIL (the reason in its user attrs `error` and in tune.json) and the
+search goes on; after `max_failures` such failures in one call it stops. Any other error (data,
+model loading, a bug) and Ctrl-C stop the search, the trial recorded as FAIL with its reason too.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,8 +58,34 @@ class TuneSpec(_Strict):
     seed: int = 0
     """Seed of the sampler (each trial trains with the base config's train.seed)."""
     storage: str | None = None
-    """Optuna storage URL; default sqlite:///<tune directory>/optuna.db."""
+    """Optuna storage URL, or `env:VARNAME` to read it from that environment variable;
+    default sqlite:///<tune directory>/optuna.db."""
     enqueue: list[dict[str, Any]] = []
+    max_failures: int | None = Field(None, ge=1)
+    """Failed trials after which one call stops (default: `trials`); failed trials do not count as done."""
+
+
+ENV_PREFIX = "env:"
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (userinfo and `password=` query values) replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    user = re.match(r"[^:/@?#]*:", rest)
+    if sep and user and "@" in rest:  # up to the last @: a password may hold an unquoted @, / or ?
+        url = f"{scheme}://{user.group()}***{rest[rest.rfind('@'):]}"
+    return re.sub(r"(?i)((?:password|passwd|pwd)=)[^&;#]*", r"\1***", url)
+
+
+def resolve_storage(storage: str) -> str:
+    """`env:VARNAME` -> that variable's value; any other value as it is."""
+    if not storage.startswith(ENV_PREFIX):
+        return storage
+    name = storage[len(ENV_PREFIX):]
+    value = os.environ.get(name)
+    if not name or not value:
+        raise StudyError(f"storage {storage!r}: the environment variable {name or '(none named)'} is not set")
+    return value
 
 
 class Tune:
@@ -59,8 +94,16 @@ class Tune:
         self.directory = Path(validate_config(base, origin=str(origin)).output.dir) / spec.name
 
     @property
+    def storage_url(self) -> str:
+        """The URL Optuna connects to, password included: never print or save it."""
+        if self.spec.storage:
+            return resolve_storage(self.spec.storage)
+        return f"sqlite:///{(self.directory / 'optuna.db').resolve()}"
+
+    @property
     def storage(self) -> str:
-        return self.spec.storage or f"sqlite:///{(self.directory / 'optuna.db').resolve()}"
+        """The storage as printed and saved: the URL with its password replaced by ***."""
+        return redact_url(self.storage_url)
 
     def config_for(self, params: dict[str, Any], number: int):
         raw = apply_overrides(self.base, params)
@@ -74,6 +117,7 @@ def load_tune(path: Path | str, overrides: list[str] | None = None) -> Tune:
     path = Path(path)
     spec, base = read_spec(TuneSpec, path, overrides)
     tune = Tune(spec, base, path)
+    tune.storage_url  # noqa: B018 -- an unset env: variable fails now, before any trial
     for key, choices in spec.space.items():
         values = choices if isinstance(choices, list) else [choices.low, choices.high]
         if not values:
@@ -94,36 +138,91 @@ def run_tune(tune: Tune) -> dict[str, Any]:
         raise StudyError("peftlab tune needs Optuna: pip install 'peftlab[tune]'") from None
     from peftlab.train import train
 
+    failures_here = trial_failures()
     spec = tune.spec
     tune.directory.mkdir(parents=True, exist_ok=True)
     direction = "minimize" if spec.metric in LOWER_IS_BETTER else "maximize"
     pruner = optuna.pruners.MedianPruner(n_startup_trials=1) if spec.pruner == "median" else optuna.pruners.NopPruner()
-    study = optuna.create_study(study_name=spec.name, storage=tune.storage, direction=direction, pruner=pruner,
-                                sampler=optuna.samplers.TPESampler(seed=spec.seed), load_if_exists=True)
+    url = tune.storage_url
+    try:
+        study = optuna.create_study(study_name=spec.name, storage=url, direction=direction, pruner=pruner,
+                                    sampler=optuna.samplers.TPESampler(seed=spec.seed), load_if_exists=True)
+    except Exception as exc:  # its message may quote the URL, password and all
+        raise StudyError(f"cannot open the tune storage {tune.storage}: "
+                         f"{_without_secret(f'{type(exc).__name__}: {exc}', url)}") from None
     if not study.trials:
         for params in spec.enqueue:
             study.enqueue_trial(params)
 
     def objective(trial) -> float:
         params = {key: _suggest(trial, key, choices) for key, choices in spec.space.items()}
-        config = tune.config_for(params, trial.number)
 
         def report(record: dict) -> bool:
             trial.report(record[spec.metric], record["epoch"])
             return trial.should_prune()
 
-        run = train(config, after_eval=report)
-        summary = load_run(run).summary
+        try:
+            run = train(tune.config_for(params, trial.number), after_eval=report)
+            summary = load_run(run).summary
+        except BaseException as exc:  # recorded here; optuna marks the trial FAIL, `catch` decides what goes on
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            left = tune.directory / f"trial-{trial.number:04d}.incomplete"
+            if left.is_dir():
+                trial.set_user_attr("run", left.name)
+            if isinstance(exc, KeyboardInterrupt):
+                print(f"trial {trial.number} interrupted; the search stops", flush=True)
+            elif not isinstance(exc, failures_here):
+                print(f"trial {trial.number} failed: {type(exc).__name__}: {exc}; the search stops", flush=True)
+            raise
         trial.set_user_attr("run", run.name)
         if summary["pruned"]:
             raise optuna.TrialPruned(f"pruned after epoch {summary['epochs_run']}")
         return summary["best"][spec.metric]
 
+    failed = {"n": 0}
+    limit = spec.max_failures or spec.trials
+
+    def after_trial(study, trial) -> None:
+        if trial.state == optuna.trial.TrialState.FAIL:
+            failed["n"] += 1
+            print(f"trial {trial.number} failed: {trial.user_attrs.get('error', '(no reason recorded)')}; "
+                  + ("the search goes on" if failed["n"] < limit else
+                     f"{failed['n']} trials failed, the search stops (max_failures)"), flush=True)
+            if failed["n"] >= limit:
+                study.stop()
+        write_tune_file(tune, study)
+
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = spec.trials - len(study.get_trials(states=done))
-    if remaining > 0:
-        study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(spec.trials, states=done)])
-    return write_tune_file(tune, study)
+    try:
+        if remaining > 0:
+            study.optimize(objective, catch=failures_here,
+                           callbacks=[optuna.study.MaxTrialsCallback(spec.trials, states=done), after_trial])
+    finally:  # also when Ctrl-C or an error stops the search: tune.json says what happened
+        record = write_tune_file(tune, study)
+    return record
+
+
+def trial_failures() -> tuple[type[Exception], ...]:
+    """Errors that are one trial's own (its settings diverge, do not fit, or do not fit in memory):
+    the trial fails and the search goes on. Others (data, model loading, bugs) stop the search."""
+    import torch
+
+    from peftlab.methods import MethodError
+    from peftlab.train import NonFiniteLossError
+
+    memory = tuple(c for c in (getattr(torch, "OutOfMemoryError", None),) if c is not None)
+    return (NonFiniteLossError, MethodError, ConfigError, *memory)
+
+
+def _without_secret(text: str, url: str) -> str:
+    redacted = redact_url(url)
+    text = text.replace(url, redacted)
+    for secret in {m for m in re.findall(r"://[^:/@]*:([^@]+)@", url)} | \
+            set(re.findall(r"(?i)(?:password|passwd|pwd)=([^&;#]*)", url)):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def _suggest(trial, key: str, choices: FloatRange | list[Any]) -> Any:
@@ -138,11 +237,13 @@ def write_tune_file(tune: Tune, study) -> dict[str, Any]:
     """tune.json: every trial (params, state, value, run directory) and the best one."""
     trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                "run": t.user_attrs.get("run"),
-               "finished": bool(t.user_attrs.get("run")) and is_finished(tune.directory / t.user_attrs["run"])}
+               "finished": bool(t.user_attrs.get("run")) and is_finished(tune.directory / t.user_attrs["run"]),
+               **({"error": t.user_attrs.get("error")} if t.state.name == "FAIL" else {})}
               for t in study.trials]
     complete = [t for t in trials if t["state"] == "COMPLETE"]
     record = {"name": tune.spec.name, "metric": tune.spec.metric, "direction": study.direction.name.lower(),
               "storage": tune.storage, "trials": trials,
+              "failures": {str(t["number"]): t.get("error") for t in trials if t["state"] == "FAIL"},
               "best": next((t for t in trials if complete and t["number"] == study.best_trial.number), None)}
     atomic_write_json(tune.directory / TUNE_FILE, record)
     return record
