@@ -66,25 +66,25 @@ def kill_when_mid_run(process, study_dir, finished_first: str, killed: str):
 @pytest.mark.parametrize("retries", [1, 0])
 def test_a_lost_worker_leaves_no_finished_run_and_is_retried_or_reported(tiny_models, toy_files, tmp_path,
                                                                          retries):
-    path = write_study(tiny_models, toy_files, tmp_path, grid={"train.epochs": [1, 20]},
+    path = write_study(tiny_models, toy_files, tmp_path, grid={"train.epochs": [1, 10]},
                        train={"checkpoint_every": 5})
     study_dir = tmp_path / "runs" / "toy-study"
     process = study_cli(path, "--backend", "ray", "--retries", retries, wait=False)
-    kill_when_mid_run(process, study_dir, "epochs1-seed42", "epochs20-seed42")
+    kill_when_mid_run(process, study_dir, "epochs1-seed42", "epochs10-seed42")
     output = process.communicate(timeout=300)[0]
     assert is_finished(study_dir / "epochs1-seed42")
     finished_at = (study_dir / "epochs1-seed42" / "summary.json").stat().st_mtime
     if retries:  # Ray ran it again; it resumed from its checkpoint and finished
         assert process.returncode == 0, output[-3000:]
-        assert is_finished(study_dir / "epochs20-seed42")
-        evals = [r for r in read_metrics(study_dir / "epochs20-seed42") if r["type"] == "eval"]
-        assert [r["epoch"] for r in evals] == list(range(1, 21))  # resumed: no epoch lost or logged twice
+        assert is_finished(study_dir / "epochs10-seed42")
+        evals = [r for r in read_metrics(study_dir / "epochs10-seed42") if r["type"] == "eval"]
+        assert [r["epoch"] for r in evals] == list(range(1, 11))  # resumed: no epoch lost or logged twice
         return
-    assert process.returncode == 1 and "epochs20-seed42" in output and "failed" in output, output[-3000:]
-    assert not (study_dir / "epochs20-seed42").exists()  # nothing that looks finished
-    assert (study_dir / "epochs20-seed42.incomplete").is_dir()
+    assert process.returncode == 1 and "epochs10-seed42" in output and "failed" in output, output[-3000:]
+    assert not (study_dir / "epochs10-seed42").exists()  # nothing that looks finished
+    assert (study_dir / "epochs10-seed42.incomplete").is_dir()
     again = study_cli(path)  # the local backend finishes only what is missing
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "run 1/1: epochs20-seed42" in again.stdout and "resumed at step" in again.stdout
-    assert is_finished(study_dir / "epochs20-seed42")
+    assert "run 1/1: epochs10-seed42" in again.stdout and "resumed at step" in again.stdout
+    assert is_finished(study_dir / "epochs10-seed42")
     assert (study_dir / "epochs1-seed42" / "summary.json").stat().st_mtime == finished_at

@@ -47,5 +47,5 @@ def test_quickstart_study_runs_end_to_end_and_writes_its_report(tmp_path):
     assert f"report: {study / 'report' / 'report.html'}" in done.stdout
     markdown = (study / "report" / "report.md").read_text()
     assert "### Against the baseline: full" in markdown and "| ia3 | 1 |" in markdown
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([*command, "--no-report"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "(4 finished, 0 to run)" in again.stdout and "=== run" not in again.stdout

