@@ -10,11 +10,8 @@ cd "$(dirname "$0")/.."
 extra="${1:-offline}"
 [ "$extra" = offline ] && extra="offline,serve"
 [ -x .venv/bin/python ] || python3 -m venv .venv
-# --no-compile: Python compiles the modules it imports when it first imports them; compiling every
-# module of torch, ray and transformers up front is work most of them never need.
-pip=(.venv/bin/python -m pip install -q --no-compile)
-"${pip[@]}" --upgrade pip
-.venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" torch==2.13.0
-"${pip[@]}" -e ".[$extra]"
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e ".[$extra]"
 if [ "$extra" = dev ]; then bash scripts/install-browser.sh; fi
 echo "peftlab installed in .venv ($extra)"

@@ -73,6 +73,14 @@ def tiny_config(arch: str, vocab_size: int):
 ARCHS = ["distilbert", "bert", "roberta", "deberta-v2"]
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per CPU this process may run on (xdist would count physical cores: one on
+    a 2-vCPU machine that shows them as threads of one core), at most 8 (memory). More workers than
+    CPUs is slower: Ray and torchrun tests start processes of their own."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, 8))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One saved tiny base model (safetensors + tokenizer) per architecture."""

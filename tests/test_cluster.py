@@ -25,6 +25,7 @@ def quality_section(report_dir):
     text = (report_dir / "report.md").read_text()
     return text[text.index("### Quality"): text.index("### Against the baseline")]
 
+@pytest.mark.slow
 
 def test_the_ray_backend_writes_the_same_runs_and_report_as_the_local_one(tiny_models, toy_files, tmp_path):
     grid = {"method.r": [2, 4]}

@@ -41,6 +41,7 @@ def _compiled_and_eager_runs(make_config, tiny_models, tmp_path, arch, method, *
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,method", [("bert", "lora"), ("distilbert", "full")])
 def test_compiled_blocks_train_as_the_eager_ones(make_config, tiny_models, tmp_path, monkeypatch, arch, method):
     """Traced by dynamo and AOT autograd (the aot_eager backend: inductor's code generation would take

@@ -96,6 +96,7 @@ def assert_metrics_of_one(single, double, root) -> None:
                        Classifier.from_run(single.path).probabilities(texts), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full"])  # LoRA, sharded: test_an_interrupted_two_process_run_resumes[fsdp]
 def test_fsdp_sharded_processes_give_the_metrics_of_one(setup, method):
     """`accelerate launch --use_fsdp --fsdp_version 2` with 2 CPU processes: weights, gradients and
@@ -120,6 +121,7 @@ def test_fsdp_sharded_processes_give_the_metrics_of_one(setup, method):
     assert np.allclose(Classifier.from_run(sharded.path).probabilities(texts),
                        Classifier.from_run(single.path).probabilities(texts), atol=1e-4)
 
+@pytest.mark.slow
 
 def test_fsdp_version_1_is_refused_with_the_fix(setup):
     _, _, two = setup
@@ -171,6 +173,7 @@ def test_an_interrupted_two_process_run_resumes_to_the_metrics_of_one(setup, sin
     assert double.summary["steps"] == 4 * 15
     assert_metrics_of_one(single, double, root)
 
+@pytest.mark.slow
 
 def test_a_non_finite_loss_in_one_process_is_skipped_by_all(setup):
     """A batch whose loss is NaN in one process only: every process skips that step together (one

@@ -37,7 +37,7 @@ def test_single_run_command_runs_end_to_end_learns_and_eval_reproduces_it(tmp_pa
 def test_quickstart_study_runs_end_to_end_and_writes_its_report(tmp_path):
     """The README's quick start, at smaller sizes: every method, a report, a rerun that does nothing."""
     command = [sys.executable, "-m", "peftlab", "study", str(ROOT / "studies" / "quickstart.yaml"), "seeds=1",
-               "data.n_train=160", "data.n_eval=96", "train.epochs=1", f"output.dir={tmp_path}",
+               "data.n_train=96", "data.n_eval=64", "train.epochs=1", f"output.dir={tmp_path}",
                f"output.cache_dir={tmp_path / 'cache'}", "--no-progress"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

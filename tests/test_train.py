@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import poison_training_forward
+from conftest import ARCHS, poison_training_forward
 from safetensors.torch import load_file
 
 from peftlab.cli import main
@@ -44,8 +44,10 @@ def test_run_directory_has_everything_a_report_needs(make_config):
     assert summary["best"] == max(evals, key=lambda r: r["f1_macro"])
 
 
-@pytest.mark.parametrize("arch", ["distilbert", "bert", "roberta", "deberta-v2"])
-@pytest.mark.parametrize("name", LEARNABLE)
+# Every method on two architectures and every architecture with two methods (a cyclic Latin pattern):
+# each architecture's targets are resolved in test_methods.py, so the full grid proves nothing more.
+@pytest.mark.parametrize("name, arch", [(name, arch) for i, name in enumerate(LEARNABLE)
+                                        for arch in (ARCHS[i % 4], ARCHS[(i + 1) % 4])])
 def test_learns_the_toy_task(make_config, arch, name):
     method, lr = LEARNABLE[name]
     run = train(make_config(arch, method=method, train={"epochs": 10, "lr": lr, "warmup_ratio": 0.1}))
