@@ -9,9 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-offline}"
 [ "$extra" = offline ] && extra="offline,serve"
+# The browser (Debian's packages) installs while pip works: one waits on apt, the other on PyPI.
+if [ "$extra" = dev ]; then bash scripts/install-browser.sh & browser=$!; fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[$extra]"
-if [ "$extra" = dev ]; then bash scripts/install-browser.sh; fi
+if [ -n "${browser:-}" ]; then wait "$browser"; fi
 echo "peftlab installed in .venv ($extra)"
