@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import signal
@@ -334,9 +335,10 @@ def _train(config: RunConfig, resume: str | Path | None, after_eval: Callable[[d
     with accelerator.main_process_first():  # the others read the tokens it caches
         data = prepare_data(config)
     names = data.splits.labels.names
-    identity = run_identity(config, data) if run else None
+    # Hashing the base weights reads them all: only for a run that checkpoints or resumes.
+    identity = functools.cache(lambda: run_identity(config, data))
     if run and checkpoint:
-        _check_identity(checkpoint, identity)
+        _check_identity(checkpoint, identity())
         for path in abandon_after(run.work / CHECKPOINTS, checkpoint.state["progress"]["step"]):
             tqdm_write(f"peftlab: set aside the checkpoint after the one resumed from, as {path.name}")
     load_scorers()
@@ -406,7 +408,7 @@ def _train(config: RunConfig, resume: str | Path | None, after_eval: Callable[[d
             _refuse_non_finite(whole[0] if whole else _trained_parameters(unwrapped))
             saved = save_checkpoint(run.work / CHECKPOINTS, unwrapped, optimizer, scheduler,
                                     {"progress": asdict(progress), "metrics_lines": run.log_lines(),
-                                     "identity": identity, "accumulation_step": accelerator.step,
+                                     "identity": identity(), "accumulation_step": accelerator.step,
                                      "grad_scaler": accelerator.scaler.state_dict() if accelerator.scaler else None},
                                     keep=cfg.keep_checkpoints, sharded=whole)
         if stop.agreed(accelerator):  # every process checkpoints here, so every process asks
