@@ -34,10 +34,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import imdb_shaped  # noqa: E402
 
-from peftlab.data import LengthGroupedBatches  # noqa: E402
-from peftlab.step_passes import GRAPH_LENGTH_STEP  # noqa: E402
-from peftlab.unpadded_attention import flash_capable, unpadded_attention  # noqa: E402
-
+from peftlab.batching import LengthGroupedBatches
+from peftlab.speed.cuda_graphs import GRAPH_LENGTH_STEP  # noqa: E402
+from peftlab.speed.unpadded_attention import flash_capable, unpadded_attention  # noqa: E402
 
 
 def model_shape(arch: str) -> dict:
@@ -148,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--json", type=Path, help="also write the figures here (results kept in the repository: "
+                        "bench/results/ceiling-gpu-MACHINE-DATE[-VARIANT].json)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)

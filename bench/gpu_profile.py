@@ -19,9 +19,9 @@ from pathlib import Path
 
 import train_vs_trainer as bench
 
-from peftlab.config import apply_overrides, parse_overrides, validate_config
+from peftlab.config_loading import apply_overrides, parse_overrides, validate_config
 from peftlab.runs import load_run
-from peftlab.train import train
+from peftlab.training.run import train
 
 
 def run(raw: dict) -> dict:

@@ -31,8 +31,8 @@ SETTINGS = [("no batching", 0.0, 1), ("wait 2 ms, 2k tokens", 2.0, 2048), ("wait
 
 
 def train_adapters(root: Path) -> list[str]:
-    from peftlab.config import validate_config
-    from peftlab.train import train
+    from peftlab.config_loading import validate_config
+    from peftlab.training.run import train
 
     specs = []
     for name, method in [("attention", {"kind": "lora", "r": 8, "targets": "attention"}),
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     parser.add_argument("--seconds", type=float, default=10.0, help="load duration per setting (default 10)")
     parser.add_argument("--per-request", type=int, default=1, help="texts per request (default 1)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--json", type=Path, help="also write the figures here (results kept in the repository: "
+                        "bench/results/serve-cpu-MACHINE-DATE[-VARIANT].json)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,11 +6,13 @@ fresh Python process (`--same-process`: all in this one), and the table shows ea
 ratio peftlab / peer:
 
     .venv/bin/python bench/train_vs_trainer.py                       # CPU workload: MiniLM + tweets, LoRA and full
-    .venv/bin/python bench/train_vs_trainer.py --methods lora --repeats 3 --json bench/cpu.json
-    .venv/bin/python bench/train_vs_trainer.py --variants "default=;torch-dropout=train.fast_dropout=false"
-    .venv/bin/python bench/train_vs_trainer.py --workload imdb-shaped --json bench/gpu.json   # on a GPU
+    .venv/bin/python bench/train_vs_trainer.py --methods lora --repeats 3 \
+        --json bench/results/train-cpu-MACHINE-DATE-lora.json
+    .venv/bin/python bench/train_vs_trainer.py --variants "default=;torch-dropout=speed.fast_dropout=false"
+    .venv/bin/python bench/train_vs_trainer.py --workload imdb-shaped \
+        --json bench/results/train-gpu-MACHINE-DATE.json   # on a GPU
     .venv/bin/python bench/train_vs_trainer.py --workload imdb-shaped --arch distilbert --methods lora --no-peer \
-        --repeats 2 --variants "default=;masked=train.unpadded_attention=false"   # an A/B of peftlab options
+        --repeats 2 --variants "default=;masked=speed.unpadded_attention=false"   # an A/B of peftlab options
 
 The GPU workload (`--workload imdb-shaped`, bench/imdb_shaped.py): distilbert-base and roberta-base
 shapes with random weights, 25,000 synthetic texts with IMDB's token lengths (truncated at 512),
@@ -20,6 +22,10 @@ peftlab runs once per variant: a name and the config overrides it applies (`;` b
 `,` between overrides). The default variants are peftlab's defaults (fp32 here) and bf16 autocast,
 the speed option that changes numerics on a CPU; each shows its own accuracy. Repeats are
 interleaved (peer, then every variant, then again), so a slow spell of the machine hits all alike.
+
+Results worth keeping go to bench/results/ as `train-<machine>-<date>[-<variant>].json` (machine: cpu-
+or gpu- and the model with its bf16 instructions, e.g. cpu-epyc-avx512bf16, gpu-h200; see
+bench/results/README.md), and their figures to bench/RESULTS.md.
 
 Train throughput counts training only (the peer's evaluations inside `trainer.train()` are taken
 out of its time); tokens are real (non-pad) tokens; peak memory is each run's own (reset between runs).
@@ -39,10 +45,10 @@ from pathlib import Path
 import numpy as np
 
 from peftlab import environment
-from peftlab.config import apply_overrides, parse_overrides, validate_config
-from peftlab.pipeline import prepare_data
+from peftlab.config_loading import apply_overrides, parse_overrides, validate_config
 from peftlab.runs import load_run
-from peftlab.train import train
+from peftlab.tokens import prepare_data
+from peftlab.training.run import train
 
 RECIPES = {  # the seeds' CPU workload (../shared/OFFLINE.md); LoRA targets come with the model
     "lora": {"method": {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.1}, "lr": 5e-4},
@@ -97,8 +103,13 @@ def run_peer(raw: dict, out: Path) -> dict:
     from datasets import Dataset
     from peft import LoraConfig, TaskType, get_peft_model
     from sklearn.metrics import accuracy_score, f1_score
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     config = validate_config(raw)
     environment.reset_peak_memory()
@@ -156,7 +167,7 @@ def run_in_fresh_process(side: str, raw: dict, out: Path, overrides: dict | None
     """One run in a new Python process, so that no run's speed depends on what ran before it: one
     process measured full fine-tuning about 5% slower after the peer's run than alone, and a setting
     peftlab makes for its CPU training (glibc's) would carry over to the peer's next run. On a GPU
-    every run is then a process's first (bench/RESULTS.md: about 7% slower than later ones)."""
+    every run is then a process's first (bench/HISTORY.md: about 7% slower than later ones)."""
     spec = out / f"run-{time.time_ns()}.json"
     spec.write_text(json.dumps({"side": side, "raw": raw, "out": str(out), "overrides": overrides or {}}))
     subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one-run", str(spec)], check=True)
@@ -244,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs of each side, repeat i with train seed SEED+i (the data rows stay the same); "
                              "speeds are medians, accuracy and F1 means over the seeds")
     parser.add_argument("--seed", type=int, default=42, help="train seed of the first repeat (default: %(default)s)")
-    parser.add_argument("--json", type=Path, help="also write the figures and ratios here")
+    parser.add_argument("--json", type=Path, help="also write the figures and ratios here (results kept in the "
+                        "repository: bench/results/train-MACHINE-DATE[-VARIANT].json)")
     parser.add_argument("--no-peer", action="store_true",
                         help="peftlab's variants only: their figures without the peer's or ratios (A/B runs "
                              "of peftlab options when the peer's run would take most of the time)")

@@ -16,7 +16,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from peftlab.config import RunConfig, validate_config
+from peftlab.config import RunConfig
+from peftlab.config_loading import validate_config
 
 POSITIVE = ["good", "great", "fine", "lovely"]
 NEGATIVE = ["bad", "awful", "poor", "dull"]
@@ -160,7 +161,7 @@ def make_study(tiny_models, toy_files, tmp_path):
 def poison_training_forward(monkeypatch, bad, value: float = float("nan")) -> None:
     """Multiply the classifier's output by `value` on the training forwards `bad(n)` picks (n from 1),
     so that the loss of exactly those steps is non-finite."""
-    import peftlab.train as train_module
+    import peftlab.training.run as train_module
 
     real_apply = train_module.apply_method
 

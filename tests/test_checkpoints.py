@@ -16,11 +16,12 @@ import torch
 from conftest import poison_training_forward
 from safetensors.torch import load_file
 
-import peftlab.checkpoints as checkpoints_module
-import peftlab.train as train_module
-from peftlab.checkpoints import CheckpointError, verify
+import peftlab.training.checkpoints as checkpoints_module
+from peftlab.errors import NonFiniteLossError
 from peftlab.runs import read_metrics
-from peftlab.train import TrainingInterrupted, train
+from peftlab.training.checkpoints import CheckpointError, verify
+from peftlab.training.resume import TrainingInterrupted
+from peftlab.training.run import train
 
 TIMING = {"samples_per_s", "lr"}  # lr is exact too, but kept out with the timings for readability
 
@@ -52,14 +53,16 @@ def resumable(make_config, name: str, **train):
 
 def stop_at(monkeypatch, step: int) -> None:
     """Deliver a real SIGTERM to this process while step `step` is being logged."""
-    real = train_module._log_train
+    import peftlab.training.loop as loop
+
+    real = loop.log_train
 
     def log_and_signal(state, *args):
         real(state, *args)
         if state.step == step:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(train_module, "_log_train", log_and_signal)
+    monkeypatch.setattr(loop, "log_train", log_and_signal)
 
 
 @pytest.mark.parametrize("stop_step", [7, 15, 30])  # mid-epoch, at an epoch's end, at the next one's end
@@ -93,7 +96,7 @@ def test_full_fine_tuning_resumes_exactly_with_seen_embedding_rows(make_config, 
     """The checkpoint holds the embedding matrix with the decay of rows no batch trained."""
     def config(name):
         return make_config("bert", method={"kind": "full"}, train={"epochs": 2, "checkpoint_every": 4, "lr": 1e-3,
-                           "weight_decay": 0.1, "seen_embedding_rows": True, "log_every_steps": 1},
+                           "weight_decay": 0.1, "log_every_steps": 1}, speed={"seen_embedding_rows": True},
                            output={"name": name})
 
     straight = train(config("straight"))
@@ -233,10 +236,12 @@ def test_a_kill_while_old_checkpoints_are_deleted_leaves_none_broken(tmp_path, m
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_non_finite_steps_are_skipped_up_to_the_limit_and_never_saved(make_config, monkeypatch, precision):
     poison_training_forward(monkeypatch, lambda n: n in (6, 7), float("inf"))
-    base = {"epochs": 1, "precision": precision, "cuda_graphs": False}  # graph replays skip the poisoning hook
-    with pytest.raises(train_module.NonFiniteLossError, match="at step 6 .*stopped before that optimizer step"):
-        train(make_config("bert", train=base, output={"name": "stops"}))
-    run = train(make_config("bert", train={**base, "skip_nonfinite_steps": 2}, output={"name": "skips"}))
+    base = {"epochs": 1, "precision": precision}
+    graphless = {"cuda_graphs": False}  # graph replays skip the poisoning hook
+    with pytest.raises(NonFiniteLossError, match="at step 6 .*stopped before that optimizer step"):
+        train(make_config("bert", train=base, speed=graphless, output={"name": "stops"}))
+    run = train(make_config("bert", train={**base, "skip_nonfinite_steps": 2}, speed=graphless,
+                            output={"name": "skips"}))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["skipped_steps"] == 2 and summary["steps"] == 13  # 15 batches, two without an update
     assert all(torch.isfinite(t).all() for t in weights(run).values())

@@ -6,10 +6,10 @@ import sys
 import time
 
 import pytest
-
 from conftest import write_study
+
 from peftlab.runs import is_finished, read_metrics
-from peftlab.study import load_study, run_study
+from peftlab.studies.study import load_study, run_study
 
 pytest.importorskip("ray")
 
@@ -34,7 +34,7 @@ def test_the_ray_backend_writes_the_same_runs_and_report_as_the_local_one(tiny_m
     local = write_study(tiny_models, toy_files, tmp_path / "local", grid=grid, seeds=2)
     on_ray = write_study(tiny_models, toy_files, tmp_path / "ray", grid=grid, seeds=2, resources={"cpu": 1})
     assert not run_study(load_study(local), progress=False)
-    from peftlab.report import write_report
+    from peftlab.studies.report import write_report
 
     write_report([tmp_path / "local" / "runs" / "toy-study"])
     result = study_cli(on_ray, "--backend", "ray")

@@ -1,17 +1,17 @@
-"""train.compile: the encoder's repeated blocks compiled with torch.compile, the same training."""
+"""speed.compile: the encoder's repeated blocks compiled with torch.compile, the same training."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-import peftlab.compiled_blocks as compiled_blocks
-from peftlab.compiled_blocks import compile_blocks, repeated_blocks
-from peftlab.config import ConfigError
-from peftlab.runs import load_run
-from peftlab.train import train
 from test_cuda_graphs import _dropout_free_model, assert_trained_alike, needs_cuda
 from test_train import LEARNABLE
+
+import peftlab.speed.compiled_blocks as compiled_blocks
+from peftlab.errors import TrainingSetupError
+from peftlab.runs import load_run
+from peftlab.speed.compiled_blocks import compile_blocks, repeated_blocks
+from peftlab.training.run import train
 
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert", "roberta", "deberta-v2"])
@@ -34,8 +34,8 @@ def _compiled_and_eager_runs(make_config, tiny_models, tmp_path, arch, method, *
     runs = {}
     for compiled in (False, True):
         config = make_config(arch, model={"name": str(model), "max_length": 32}, method=kind,
-                             train={"compile": compiled, "fast_dropout": False, "epochs": 4, "lr": lr,
-                                    "warmup_ratio": 0.1, **train_options},
+                             train={"epochs": 4, "lr": lr, "warmup_ratio": 0.1, **train_options},
+                             speed={"compile": compiled, "fast_dropout": False},
                              output={"name": f"compiled-{compiled}"})
         runs[compiled] = train(config)
     return runs
@@ -64,9 +64,10 @@ def test_compiled_blocks_train_as_the_eager_ones(make_config, tiny_models, tmp_p
     assert_trained_alike(runs[False], runs[True], evaluations=4, tolerance=1e-5)
 
 
-def test_compiling_the_fast_cpu_dropout_is_refused_in_the_config(make_config):
-    with pytest.raises(ConfigError, match="train.compile=true cannot compile the numpy masks"):
-        make_config(train={"compile": True, "fast_dropout": True})
+def test_compiling_the_fast_cpu_dropout_is_refused_before_any_work(make_config, tmp_path):
+    with pytest.raises(TrainingSetupError, match="speed.fast_dropout=true: speed.compile cannot trace its numpy masks"):
+        train(make_config(speed={"compile": True, "fast_dropout": True}))
+    assert not (tmp_path / "runs").exists()
 
 
 @needs_cuda

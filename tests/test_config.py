@@ -3,13 +3,9 @@ from pathlib import Path
 import pytest
 
 from peftlab.cli import main
-from peftlab.config import (
-    ConfigError,
-    LoraPlusMethod,
-    load_config,
-    parse_overrides,
-    validate_config,
-)
+from peftlab.config_loading import load_config, parse_overrides, validate_config
+from peftlab.errors import ConfigError
+from peftlab.method_configs import LoraPlusMethod
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"data": {"source": "tweets"}}
@@ -39,7 +35,7 @@ def test_every_problem_is_reported_at_once_with_the_key():
     assert "method.rr: unknown key (allowed here: alpha, bias" in text
     assert "method.dropout: Input should be less than 1" in text
     assert "train.lr: Input should be a valid number" in text and "'fast'" in text
-    assert "typo: unknown key (allowed here: data, method, model, output, train)" in text
+    assert "typo: unknown key (allowed here: data, method, model, output, speed, train)" in text
 
 
 def test_keys_of_another_method_are_rejected():
@@ -93,7 +89,7 @@ def test_cli_reports_config_errors_without_traceback(capsys, tmp_path):
 def test_config_differences_ignore_keys_added_since_with_their_defaults(make_config):
     import json
 
-    from peftlab.config import config_differences
+    from peftlab.config_loading import config_differences
 
     current = make_config("bert").model_dump(mode="json")
     older = json.loads(json.dumps(current))
@@ -113,3 +109,37 @@ def test_each_method_gets_its_own_learning_rate_unless_one_is_given(kind, rate):
     assert config.train.warmup_ratio == 0.06
     stepped = validate_config({"data": data, "train": {"warmup_steps": 10}}).train
     assert (stepped.warmup_steps, stepped.warmup_ratio) == (10, None)
+
+
+def test_an_old_train_speed_key_names_its_new_place():
+    with pytest.raises(ConfigError) as err:
+        validate_config({**BASE, "train": {"fast_dropout": False, "cuda_graphs": True, "epochs": 2}})
+    text = str(err.value)
+    assert "train.fast_dropout: moved to speed.fast_dropout" in text
+    assert "train.cuda_graphs: moved to speed.cuda_graphs" in text and "2 problem(s)" in text
+
+
+@pytest.mark.parametrize("written", ["off", False, {"all": False}])
+def test_speed_off_turns_every_path_off(written):
+    from peftlab.config import SPEED_SWITCHES
+    from peftlab.speed.plan import Setting, resolve
+
+    speed = validate_config({**BASE, "speed": written}).speed
+    assert speed.all is False
+    plan = resolve(speed, Setting(model_type="bert"))
+    assert plan.taken() == [] and set(plan.off) == set(SPEED_SWITCHES)
+    assert plan.describe() == "speed paths: none (the reference path)"
+
+
+def test_a_path_forced_on_beside_speed_off_is_refused():
+    with pytest.raises(ConfigError, match="speed.all=false turns every path off; drop speed.fast_dropout"):
+        validate_config({**BASE, "speed": {"all": False, "fast_dropout": True}})
+
+
+def test_a_run_config_saved_with_the_old_train_keys_still_loads():
+    from peftlab.config_loading import config_differences, migrate_saved
+
+    saved = {**BASE, "train": {"epochs": 2, "fast_dropout": False, "compile": False}}
+    config = validate_config(migrate_saved(saved))
+    assert config.speed.fast_dropout is False and config.train.epochs == 2
+    assert config_differences(saved, config.model_dump(mode="json")) == []

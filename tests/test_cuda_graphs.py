@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-
-from peftlab.data import Collator, Encoded
-from peftlab.pipeline import TrainingSetupError
-from peftlab.runs import load_run
-from peftlab.step_passes import GraphedPasses, cuda_graphs_possible, wants_cuda_graphs
-from peftlab.train import train
 from test_train import LEARNABLE
+
+from peftlab.batching import Collator
+from peftlab.config import SpeedConfig
+from peftlab.errors import TrainingSetupError
+from peftlab.runs import load_run
+from peftlab.speed.cuda_graphs import GraphedStep
+from peftlab.speed.plan import Setting, resolve
+from peftlab.tokens import Encoded
+from peftlab.training.run import train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
@@ -22,39 +25,37 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 def test_asking_for_cuda_graphs_without_a_gpu_fails_before_any_work(make_config, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    config = make_config(train={"cuda_graphs": True})
-    with pytest.raises(TrainingSetupError, match="train.cuda_graphs=true: it needs a CUDA GPU"):
+    config = make_config(speed={"cuda_graphs": True})
+    with pytest.raises(TrainingSetupError, match="speed.cuda_graphs=true: it needs a CUDA GPU"):
         train(config)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-def _accelerator(device="cuda", processes=1, precision="bf16"):
-    return SimpleNamespace(device=torch.device(device), num_processes=processes, mixed_precision=precision)
+GPU = Setting(device="cuda", precision="bf16", model_type="bert", method="lora")
 
 
-@pytest.mark.parametrize("accelerator,sharded,why", [
-    (_accelerator("cpu"), False, "it needs a CUDA GPU"),
-    (_accelerator(processes=2), False, "it runs in one process only"),
-    (_accelerator(), True, "it runs in one process only"),
-    (_accelerator(precision="fp16"), False, "fp16's loss scaling"),
+@pytest.mark.parametrize("where,why", [
+    (replace(GPU, device="cpu"), "it needs a CUDA GPU"),
+    (replace(GPU, processes=2), "it runs in one process only"),
+    (replace(GPU, sharded=True), "it runs in one process only"),
+    (replace(GPU, precision="fp16"), "fp16's loss scaling"),
 ])
-def test_graphs_are_off_where_they_cannot_run_and_refused_when_asked_for(accelerator, sharded, why):
-    assert not cuda_graphs_possible("auto", accelerator, sharded)
-    assert not cuda_graphs_possible(False, accelerator, sharded)
+def test_graphs_are_off_where_they_cannot_run_and_refused_when_asked_for(where, why):
+    assert not resolve(SpeedConfig(), where).cuda_graphs
+    assert why in resolve(SpeedConfig(), where).off["cuda_graphs"]
+    assert not resolve(SpeedConfig(cuda_graphs=False), where).cuda_graphs
     with pytest.raises(TrainingSetupError, match=why):
-        cuda_graphs_possible(True, accelerator, sharded)
+        resolve(SpeedConfig(cuda_graphs=True), where)
 
 
 def test_auto_records_graphs_for_the_verified_encoders_and_methods_only():
-    possible = cuda_graphs_possible("auto", _accelerator(), False)
-    assert possible and cuda_graphs_possible(True, _accelerator(precision="no"), False)
-    assert not cuda_graphs_possible(False, _accelerator(), False)
-    assert wants_cuda_graphs("auto", possible, "bert", "lora")
-    assert wants_cuda_graphs("auto", possible, "roberta", "full")
-    assert not wants_cuda_graphs("auto", possible, "modernbert", "lora")
-    assert not wants_cuda_graphs("auto", possible, "bert", "dora")
-    assert wants_cuda_graphs(True, possible, "modernbert", "dora")
-    assert not wants_cuda_graphs(True, False, "bert", "lora")
+    def graphs(setting="auto", **changes):
+        return resolve(SpeedConfig(cuda_graphs=setting), replace(GPU, **changes)).cuda_graphs
+
+    assert graphs() and graphs(True, precision="fp32") and not graphs(False)
+    assert graphs(model_type="roberta", method="full")
+    assert not graphs(model_type="modernbert") and not graphs(method="dora")
+    assert graphs(True, model_type="modernbert", method="dora")
 
 
 def test_padding_rounds_lengths_up_to_few_shapes_but_not_past_the_maximum():
@@ -106,7 +107,7 @@ def assert_trained_alike(reference, other, evaluations: int, tolerance: float) -
                                                     ("roberta", "lora", 2)])
 def test_graphed_steps_train_as_eager_steps_do(make_config, tiny_models, tmp_path, monkeypatch, arch, method,
                                                grad_accum):
-    import peftlab.train as train_module
+    import peftlab.training.run as train_module
 
     # Both runs pad to the same lengths (8, 12 and 16 tokens on the toy task), so that they compute
     # on the same shapes; graphs record one per shape, the first after warm-up passes, the others without.
@@ -114,20 +115,20 @@ def test_graphed_steps_train_as_eager_steps_do(make_config, tiny_models, tmp_pat
     monkeypatch.setattr(train_module, "make_loader",
                         lambda *args, **kwargs: real_make_loader(*args, **{**kwargs, "pad_to_multiple_of": 4}))
     warmups_per_graph = []
-    real_record = GraphedPasses._record
+    real_record = GraphedStep._record
 
     def record(self, batch, warmups):
         warmups_per_graph.append(warmups)
         return real_record(self, batch, warmups)
 
-    monkeypatch.setattr(GraphedPasses, "_record", record)
+    monkeypatch.setattr(GraphedStep, "_record", record)
     model = _dropout_free_model(tiny_models, arch, tmp_path / "model")
     kind, lr = LEARNABLE[method]
     runs = {}
     for graphs in (False, True):
         config = make_config(arch, model={"name": str(model), "max_length": 32}, method=kind,
-                             train={"cuda_graphs": graphs, "precision": "fp32", "grad_accum": grad_accum,
-                                    "epochs": 10, "lr": lr, "warmup_ratio": 0.1},
+                             train={"precision": "fp32", "grad_accum": grad_accum, "epochs": 10, "lr": lr,
+                                    "warmup_ratio": 0.1}, speed={"cuda_graphs": graphs},
                              output={"name": f"graphs-{graphs}"})
         runs[graphs] = train(config)
     assert load_run(runs[True]).summary["cuda_graphs"] is True

@@ -3,11 +3,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
-from peftlab.config import DataConfig
-from peftlab.data import DataError, LengthGroupedBatches, encode, make_loader, prepare_splits, stratified_sample
-
 from conftest import build_tokenizer, toy_rows
+
+from peftlab.batching import LengthGroupedBatches, make_loader
+from peftlab.config import DataConfig
+from peftlab.data import DataError, prepare_splits, stratified_sample
+from peftlab.tokens import encode
 
 
 def write_csv(path, rows, **kwargs):
@@ -152,7 +153,7 @@ def test_tokens_are_cached_and_batches_padded_dynamically(tmp_path, monkeypatch)
 
 
 def test_a_one_megabyte_text_is_truncated_and_counted(tmp_path, make_config):
-    from peftlab.pipeline import prepare_data
+    from peftlab.tokens import prepare_data
 
     rows = toy_rows(40, seed=3).to_dict("records")
     rows[5]["text"] = ("good " + "w1 " * 400) * 900  # over 1 MB in one cell

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import build_tokenizer, toy_rows
-from peftlab.inference import Classifier
+
 from peftlab.runs import load_run, read_metrics
+from peftlab.serving.inference import Classifier
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_a_signal_handled_during_the_stop_all_reduce_is_agreed_on_at_the_next_on
     next all-reduce. Forgetting it let a SIGTERM'd two-process run train on to the end."""
     from types import SimpleNamespace
 
-    from peftlab.train import StopOnSignal
+    from peftlab.training.resume import StopOnSignal
 
     stop = StopOnSignal()
     sent = []

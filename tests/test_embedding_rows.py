@@ -6,11 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from peftlab.config import validate_config
-from peftlab.embedding_rows import SeenRowsEmbedding, follow_optimizer, full_weights, train_seen_rows_only
+from peftlab.config import SpeedConfig
+from peftlab.config_loading import validate_config
+from peftlab.errors import TrainingSetupError
 from peftlab.methods import apply_method, parameter_groups
 from peftlab.models import load_classifier
-from peftlab.train import train
+from peftlab.speed.embedding_rows import SeenRowsEmbedding, follow_optimizer, full_weights, train_seen_rows_only
+from peftlab.speed.plan import Setting, resolve
+from peftlab.training.run import train
 
 LABELS = {0: "neg", 1: "pos"}
 FULL = validate_config({"data": {"source": "tweets"}, "method": {"kind": "full"}}).method
@@ -125,7 +128,7 @@ def test_only_a_trained_untied_embedding_is_replaced(tiny_models):
 def test_a_full_run_reports_the_rows_it_trained(make_config, rows):
     import json
 
-    config = make_config("bert", method={"kind": "full"}, train={"epochs": 1, "seen_embedding_rows": rows},
+    config = make_config("bert", method={"kind": "full"}, train={"epochs": 1}, speed={"seen_embedding_rows": rows},
                          output={"name": f"rows-{rows}"})
     summary = json.loads((train(config) / "summary.json").read_text())
     assert (summary["seen_embedding_rows"] is not None) == rows
@@ -135,7 +138,11 @@ def test_a_full_run_reports_the_rows_it_trained(make_config, rows):
 
 def test_seen_rows_and_cuda_graphs_are_refused_together_before_any_work():
     """The seen rows check each batch's token ids on the host, which no CUDA graph can record."""
-    with pytest.raises(ValueError, match="cuda_graphs=true cannot record the seen embedding rows"):
-        validate_config({"data": {"source": "tweets"}, "train": {"cuda_graphs": True, "seen_embedding_rows": True}})
-    for setting in ("auto", False):
-        validate_config({"data": {"source": "tweets"}, "train": {"cuda_graphs": True, "seen_embedding_rows": setting}})
+    gpu = Setting(device="cuda", precision="bf16", model_type="bert", method="full")
+    with pytest.raises(TrainingSetupError, match="speed.seen_embedding_rows=true: CUDA graphs cannot record"):
+        resolve(SpeedConfig(cuda_graphs=True, seen_embedding_rows=True), gpu)
+    plan = resolve(SpeedConfig(cuda_graphs=True), gpu)
+    assert plan.cuda_graphs and not plan.seen_embedding_rows
+    plan = resolve(SpeedConfig(seen_embedding_rows=True), gpu)  # graphs at auto give way to the rows
+    assert plan.seen_embedding_rows and not plan.cuda_graphs
+    assert "seen embedding rows" in plan.off["cuda_graphs"]

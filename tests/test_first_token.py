@@ -9,18 +9,19 @@ import json
 import pytest
 import torch
 
-from peftlab.config import LoraMethod
-from peftlab.fast_dropout import use_fast_dropout
-from peftlab.first_token import (
+from peftlab.errors import TrainingSetupError
+from peftlab.method_configs import LoraMethod
+from peftlab.methods import apply_method
+from peftlab.models import load_classifier
+from peftlab.speed.fast_dropout import use_fast_dropout
+from peftlab.speed.first_token import (
     compute_every_token,
     compute_first_token_only,
     first_token_only,
     is_first_token_only,
     last_layer,
 )
-from peftlab.methods import apply_method
-from peftlab.models import load_classifier
-from peftlab.train import train
+from peftlab.training.run import train
 
 LABELS = {0: "neg", 1: "pos", 2: "mixed"}
 
@@ -131,13 +132,13 @@ def test_a_layer_given_a_cache_runs_every_token(tiny_models):
 
 @pytest.mark.parametrize("setting", ["auto", False])
 def test_cpu_training_computes_the_first_token_only_unless_told_not_to(make_config, setting):
-    config = make_config(method={"kind": "full"}, train={"first_token_last_layer": setting, "epochs": 10, "lr": 2e-3,
-                                                         "warmup_ratio": 0.1})
+    config = make_config(method={"kind": "full"}, train={"epochs": 10, "lr": 2e-3, "warmup_ratio": 0.1},
+                         speed={"first_token_last_layer": setting})
     summary = json.loads((train(config) / "summary.json").read_text())
     assert summary["first_token_last_layer"] is (setting == "auto")
     assert summary["best"]["accuracy"] >= 0.7  # the toy task is learnt either way
 
 
 def test_it_is_refused_with_compiled_blocks(make_config):
-    with pytest.raises(ValueError, match="first_token_last_layer"):
-        make_config(train={"compile": True, "first_token_last_layer": True})
+    with pytest.raises(TrainingSetupError, match="speed.first_token_last_layer=true: it is untried with speed.compile"):
+        train(make_config(speed={"compile": True, "first_token_last_layer": True}))

@@ -6,15 +6,14 @@ import stat
 import tracemalloc
 import warnings
 
-import numpy as np
 import pandas as pd
 import pytest
+from conftest import build_tokenizer, toy_rows
 
 from peftlab.config import DataConfig
-from peftlab.data import DataError, _table_from_frame, Columns, encode, prepare_splits, read_file
-from peftlab.predict import read_texts
-
-from conftest import build_tokenizer, toy_rows
+from peftlab.data import Columns, DataError, _table_from_frame, prepare_splits, read_file
+from peftlab.serving.predict import read_texts
+from peftlab.tokens import encode
 
 SEPARATORS = ["\u2028", "\u2029", "\u0085"]  # line breaks to str.splitlines(), plain characters to JSON
 

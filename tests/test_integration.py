@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peftlab.config import load_config
+from peftlab.config_loading import load_config
 from peftlab.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,15 +6,14 @@ import json
 import pytest
 import torch
 import yaml
-
-from peftlab.cli import main
-from peftlab.config import validate_config
-from peftlab.methods import load_trained, save_trained
-from peftlab.models import ModelLoadError, load_classifier
-from peftlab.study import StudyError
-
 from conftest import poison_training_forward
 from test_tune import write_tune as tune_file
+
+from peftlab.cli import main
+from peftlab.config_loading import validate_config
+from peftlab.methods import load_trained, save_trained
+from peftlab.models import ModelLoadError, load_classifier
+from peftlab.studies.study import StudyError
 
 LABELS = {0: "neg", 1: "pos"}
 SECRET = "s3cr3t-pw"
@@ -73,8 +72,8 @@ def test_failing_trials_stop_after_max_failures_and_say_so(tiny_models, toy_file
 
 def test_ctrl_c_still_stops_the_search_and_the_trial_is_recorded(tiny_models, toy_files, tmp_path, monkeypatch):
     pytest.importorskip("optuna")
-    import peftlab.train as train_module
-    from peftlab.tune import load_tune, run_tune
+    import peftlab.training.run as train_module
+    from peftlab.studies.tune import load_tune, run_tune
 
     calls = []
 
@@ -92,7 +91,7 @@ def test_ctrl_c_still_stops_the_search_and_the_trial_is_recorded(tiny_models, to
 
 def test_an_error_that_is_not_the_trials_own_stops_the_search(tiny_models, toy_files, tmp_path, monkeypatch):
     pytest.importorskip("optuna")
-    import peftlab.train as train_module
+    import peftlab.training.run as train_module
     from peftlab.data import DataError
 
     def broken(config, **kwargs):
@@ -108,7 +107,7 @@ def test_an_error_that_is_not_the_trials_own_stops_the_search(tiny_models, toy_f
 
 
 def test_redact_url_hides_passwords_only():
-    from peftlab.tune import redact_url
+    from peftlab.studies.tune import redact_url
 
     assert redact_url(SECRET_URL) == "postgresql://tuner:***@db.example.org:5432/peftlab"
     assert redact_url("mysql+pymysql://u:p@ss/w@host/db") == "mysql+pymysql://u:***@host/db"
@@ -152,7 +151,7 @@ def test_the_storage_password_is_never_printed_or_saved(tiny_models, toy_files, 
 
 
 def test_an_unset_storage_variable_fails_before_any_trial(tiny_models, toy_files, tmp_path, monkeypatch):
-    from peftlab.tune import load_tune
+    from peftlab.studies.tune import load_tune
 
     monkeypatch.delenv("PEFTLAB_TUNE_TEST_UNSET", raising=False)
     with pytest.raises(StudyError, match="environment variable PEFTLAB_TUNE_TEST_UNSET is not set"):
@@ -178,9 +177,9 @@ def to_pickle(directory, safetensors_name, pickle_name):
 
 
 def test_eval_loading_refuses_a_run_with_a_pickled_adapter(make_config, tmp_path, monkeypatch):
-    from peftlab.inference import Classifier
-    from peftlab.pipeline import evaluate_run
-    from peftlab.train import train
+    from peftlab.serving.inference import Classifier
+    from peftlab.training.reevaluate import evaluate_run
+    from peftlab.training.run import train
 
     run = train(make_config(train={"epochs": 1}))
     model_dir = run / "model"

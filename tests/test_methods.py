@@ -2,13 +2,20 @@
 
 import pytest
 import torch
-
-from peftlab.config import validate_config
-from peftlab.methods import (MethodError, apply_method, count_parameters, head_modules, load_trained,
-                             parameter_groups, resolve_targets, save_trained)
-from peftlab.models import load_classifier
-
 from conftest import ARCHS
+
+from peftlab.config_loading import validate_config
+from peftlab.methods import (
+    MethodError,
+    apply_method,
+    count_parameters,
+    head_modules,
+    load_trained,
+    parameter_groups,
+    resolve_targets,
+    save_trained,
+)
+from peftlab.models import load_classifier
 
 LABELS = {0: "neg", 1: "pos"}
 METHODS = {

@@ -8,14 +8,15 @@ import json
 import pytest
 import torch
 
-from peftlab.attention_kernels import encoder_layers
-from peftlab.config import LoraMethod
-from peftlab.fast_dropout import use_fast_dropout
-from peftlab.first_token import compute_first_token_only, is_first_token_only
+from peftlab.errors import TrainingSetupError
+from peftlab.method_configs import LoraMethod
 from peftlab.methods import apply_method
 from peftlab.models import load_classifier
-from peftlab.packed_tokens import ATTENTION, pack_tokens_to_train, packed_tokens
-from peftlab.train import train
+from peftlab.speed.attention import encoder_layers
+from peftlab.speed.fast_dropout import use_fast_dropout
+from peftlab.speed.first_token import compute_first_token_only, is_first_token_only
+from peftlab.speed.packed_tokens import ATTENTION, pack_tokens_to_train, packed_tokens
+from peftlab.training.run import train
 
 LABELS = {0: "neg", 1: "pos", 2: "mixed"}
 
@@ -159,17 +160,18 @@ def test_only_fast_dropouts_attention_is_packed_to_train(tiny_models):
     assert not pack_tokens_to_train(_model(tiny_models, "deberta-v2", "fast-dropout"))  # its own attention
 
 
-@pytest.mark.parametrize("settings,packed", [({}, False), ({"group_by_length": False}, True),
-                                             ({"group_by_length": False, "packed_tokens": False}, False),
-                                             ({"packed_tokens": True}, True),
-                                             ({"group_by_length": False, "fast_dropout": False}, False)])
-def test_cpu_training_packs_the_real_tokens_of_random_batches(make_config, settings, packed):
-    config = make_config(method={"kind": "full"}, train={"epochs": 10, "lr": 2e-3, "warmup_ratio": 0.1, **settings})
+@pytest.mark.parametrize("settings,speed,packed", [({}, {}, False), ({"group_by_length": False}, {}, True),
+                                                   ({"group_by_length": False}, {"packed_tokens": False}, False),
+                                                   ({}, {"packed_tokens": True}, True),
+                                                   ({"group_by_length": False}, {"fast_dropout": False}, False)])
+def test_cpu_training_packs_the_real_tokens_of_random_batches(make_config, settings, speed, packed):
+    config = make_config(method={"kind": "full"}, train={"epochs": 10, "lr": 2e-3, "warmup_ratio": 0.1, **settings},
+                         speed=speed)
     summary = json.loads((train(config) / "summary.json").read_text())
     assert summary["packed_tokens"] is packed
     assert summary["best"]["accuracy"] >= 0.7  # the toy task is learnt either way
 
 
 def test_packed_training_needs_fast_dropout(make_config):
-    with pytest.raises(ValueError, match="packed_tokens"):
-        make_config(train={"packed_tokens": True, "fast_dropout": False})
+    with pytest.raises(TrainingSetupError, match="speed.packed_tokens=true: it trains through fast dropout's attention"):
+        train(make_config(speed={"packed_tokens": True, "fast_dropout": False}))

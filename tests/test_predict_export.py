@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from peftlab.cli import main
-from peftlab.export import ExportError, export_run
-from peftlab.inference import Classifier
 from peftlab.metrics import classification_metrics
-from peftlab.predict import predict_file
 from peftlab.runs import load_run
-from peftlab.train import train
+from peftlab.serving.export import ExportError, export_run
+from peftlab.serving.inference import Classifier
+from peftlab.serving.predict import predict_file
+from peftlab.training.run import train
 
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_models, toy_files, tmp_path_factory):
-    from peftlab.config import validate_config
+    from peftlab.config_loading import validate_config
 
     root = tmp_path_factory.mktemp("run")
     config = validate_config({
@@ -126,9 +126,9 @@ def test_onnx_export_is_checked_with_onnxruntime(lora_run, toy_files, tmp_path, 
 
 
 def test_merge_refuses_non_finite_adapter_weights(lora_run, tmp_path, monkeypatch):
-    import peftlab.pipeline as pipeline
+    import peftlab.methods as methods
 
-    real = pipeline.load_run_model
+    real = methods.load_run_model
 
     def poisoned(run):
         model = real(run)
@@ -136,7 +136,7 @@ def test_merge_refuses_non_finite_adapter_weights(lora_run, tmp_path, monkeypatc
             next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
         return model
 
-    monkeypatch.setattr(pipeline, "load_run_model", poisoned)
+    monkeypatch.setattr(methods, "load_run_model", poisoned)
     with pytest.raises(ExportError, match="cannot merge the adapter"):
         export_run(lora_run, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from browser_check import browser_missing_reason, check_page
 from conftest import write_study
+
 from peftlab.cli import main
-from peftlab.report import write_report
-from peftlab.results import collect
 from peftlab.runs import RunError
-from peftlab.study import load_study, run_study
+from peftlab.studies.report import write_report
+from peftlab.studies.results import collect
+from peftlab.studies.study import load_study, run_study
 
 FIGURES = {"quality_vs_params.png", "quality_vs_time.png", "learning_curves.png", "sweep_r.png",
            "confusion_matrix.png"}

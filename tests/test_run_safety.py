@@ -16,18 +16,20 @@ import pandas as pd
 import pytest
 import torch
 from safetensors import SafetensorError
-
-import peftlab.checkpoints as checkpoints_module
-import peftlab.runs as runs_module
-import peftlab.train as train_module
-from peftlab.checkpoints import CheckpointError, verify
-from peftlab.cli import main
-from peftlab.config import ConfigError, validate_config
-from peftlab.export import export_run
-from peftlab.runs import RunError, atomic_write_text, replace_directory
-from peftlab.train import TrainingInterrupted, train
 from test_checkpoints import resumable as checkpoints_resumable
 from test_checkpoints import stop_at
+
+import peftlab.runs as runs_module
+import peftlab.training.checkpoints as checkpoints_module
+import peftlab.training.run as train_module
+from peftlab.cli import main
+from peftlab.config_loading import validate_config
+from peftlab.errors import ConfigError
+from peftlab.runs import RunError, atomic_write_text, replace_directory
+from peftlab.serving.export import export_run
+from peftlab.training.checkpoints import CheckpointError, verify
+from peftlab.training.resume import TrainingInterrupted
+from peftlab.training.run import train
 
 
 def resumable(make_config, name: str, **train_options):

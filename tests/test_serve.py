@@ -15,14 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from peftlab.batcher import MicroBatcher
 from peftlab.cli import main
-from peftlab.config import ServeSettings
-from peftlab.config import validate_config
-from peftlab.inference import Classifier
-from peftlab.server import create_app, uvicorn_config
-from peftlab.serving import ServedModel, ServeError
-from peftlab.train import train
+from peftlab.config_loading import validate_config
+from peftlab.serving.adapters import ServedModel, ServeError
+from peftlab.serving.batcher import MicroBatcher
+from peftlab.serving.inference import Classifier
+from peftlab.serving.server import create_app, uvicorn_config
+from peftlab.serving.settings import ServeSettings
+from peftlab.training.run import train
 
 TEXTS = ["good w1 w2", "w3 awful w4 w5 w6 w7 w8", "lovely", "w9 w10 dull w11", "fine w1 w2 w3 w4 w5 w6 w7 w8 w9"]
 
@@ -96,7 +96,7 @@ def test_one_adapter_passes_run_on_real_tokens_only_and_mixed_ones_by_row(runs):
     default) keeps its rows, which peft routes one by one."""
     import torch
 
-    from peftlab.inference import padded_inputs
+    from peftlab.serving.inference import padded_inputs
 
     served = ServedModel.from_adapters([("two", runs["bert", "two"]), ("three", runs["bert", "three"])], device="cpu")
     last_layer = served.model.get_base_model().bert.encoder.layer[-1]

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from test_serve import Server, call, metric, status_and_json, wait_for
 
-from peftlab.config import ServeSettings
-from peftlab.server import exposure_warning
-from peftlab.serving import ServedModel, ServeError
+from peftlab.serving.adapters import ServedModel, ServeError
+from peftlab.serving.server import exposure_warning
+from peftlab.serving.settings import ServeSettings
 
 BODY = {"inputs": "good w1 w2", "adapter": "a"}
 
@@ -214,7 +214,7 @@ def test_a_long_text_is_cut_before_tokenising_with_the_same_answer(served):
         assert status == 413 and "16 tokens" in answer["error"]
         assert max(tokenizer.longest) < 2000
     # the same token ids as the whole text's, for texts of long words, no spaces, or spaces at the cut
-    from peftlab.server import Predictor
+    from peftlab.serving.predictor import Predictor
 
     predictor = Predictor(served, ServeSettings())
     for text in (long_text, "w1" * 30000, "w1 " + "good" * 30000, "w1" * 400 + " " * 20000 + "w2 " * 200):
@@ -378,7 +378,7 @@ def test_a_warning_when_listening_beyond_loopback_with_no_key():
 def test_serve_prints_the_warning_at_start(served, monkeypatch, capsys):
     import uvicorn
 
-    from peftlab import server as server_module
+    from peftlab.serving import server as server_module
 
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: None)
     server_module.serve(served, ServeSettings(host="0.0.0.0", port=0))

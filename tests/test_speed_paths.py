@@ -12,15 +12,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab import environment
-from peftlab.clipping import gradient_clipper
-from peftlab.config import validate_config
-from peftlab.fast_dropout import ATTENTION, FastDropout, keep_mask, use_fast_dropout
+from peftlab.config_loading import validate_config
+from peftlab.errors import TrainingSetupError
 from peftlab.methods import apply_method, store_frozen_linears_in
 from peftlab.models import load_classifier
-from peftlab.packed_linear import (PackedFrozenLinear, PackedInferenceLinear, pack_frozen_linears, packed_for_inference,
-                                   packing_available)
-from peftlab.pipeline import make_accelerator
-from peftlab.train import _bf16_hint
+from peftlab.speed import process_settings
+from peftlab.speed.fast_dropout import ATTENTION, FastDropout, keep_mask, use_fast_dropout
+from peftlab.speed.folded_clipping import gradient_clipper
+from peftlab.speed.packed_linear import (
+    PackedFrozenLinear,
+    PackedInferenceLinear,
+    pack_frozen_linears,
+    packed_for_inference,
+    packing_available,
+)
+from peftlab.training.accelerator import make_accelerator
+from peftlab.training.console import bf16_hint
 
 LABELS = {0: "neg", 1: "pos"}
 
@@ -162,9 +169,9 @@ def test_evaluation_with_packed_weights_gives_what_autocast_gives_and_leaves_the
 
 _FAULTS_PER_REALLOCATION = """
 import resource, statistics, sys, torch
-from peftlab import environment
+from peftlab.speed import process_settings
 if sys.argv[1] == "keep":
-    assert environment.keep_freed_memory()
+    assert process_settings.keep_freed_memory()
 faults = []
 for step in range(20):  # a 64 MB block freed and allocated again, as an embedding gradient is each step
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -193,9 +200,9 @@ def test_freed_memory_is_reused_without_page_faults():
 
 _KERNELS_COMPILED_AGAIN = """
 import os, sys
-from peftlab import environment
+from peftlab.speed import process_settings
 if sys.argv[1] == "more":
-    assert environment.cache_more_cpu_kernels(2048)
+    assert process_settings.cache_more_cpu_kernels(2048)
 import torch
 weight = torch.ones(64, 64, dtype=torch.bfloat16)
 for round in range(2):  # 1,200 batch sizes, each a kernel of its own, met twice
@@ -222,10 +229,8 @@ def test_a_larger_kernel_cache_compiles_each_shape_once():
 
 
 def test_a_kernel_cache_size_the_user_chose_is_kept(monkeypatch):
-    from peftlab import environment
-
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-    assert not environment.cache_more_cpu_kernels()
+    assert not process_settings.cache_more_cpu_kernels()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
 
 
@@ -235,7 +240,7 @@ def test_a_kernel_cache_size_the_user_chose_is_kept(monkeypatch):
 def test_the_cpus_bf16_matrix_support_is_read_from_its_flags(monkeypatch, flags, expected):
     monkeypatch.setattr(environment, "_cpu_field", lambda name: flags if name == "flags" else "")
     assert environment.cpu_bf16_matmul() == expected
-    hint = _bf16_hint(expected)
+    hint = bf16_hint(expected)
     assert (hint is None) == (expected is None)
     if hint:
         assert "train.precision=bf16" in hint and ("AMX" in hint) == (expected == "amx")
@@ -260,8 +265,7 @@ def test_clipping_folded_into_fused_adamw_updates_as_accelerate_clipping_does(ti
         model = load_classifier(str(tiny_models["bert"]), LABELS).eval()  # no dropout: the same function
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         params = list(model.parameters())
-        clip = gradient_clipper(accelerator, optimizer, params, max_norm) if folded \
-            else (lambda: accelerator.clip_grad_norm_(params, max_norm))
+        clip = gradient_clipper(accelerator, optimizer, params, max_norm, folded=folded)
         for _ in range(3):
             model(**_batch(), labels=torch.tensor([0, 1, 0, 1, 1, 0])).loss.backward()
             clip()
@@ -275,11 +279,28 @@ def test_clipping_folded_into_fused_adamw_updates_as_accelerate_clipping_does(ti
     assert max((trained[1][k] - trained[0][k]).abs().max().item() for k in initial) < 1e-3 * moved
 
 
-def test_clipping_is_not_folded_into_an_optimizer_that_cannot_take_it():
+def test_a_failed_probe_of_a_private_api_turns_its_path_off_visibly(monkeypatch):
+    """A torch whose fused AdamW took no grad_scale: clipping unfolded, saying why; `true` refused."""
+    from peftlab.config import SpeedConfig
+    from peftlab.speed import compat
+    from peftlab.speed.plan import Setting, resolve
+
+    assert compat.probe("fused_adamw_scaling") is None  # this torch's does
+    monkeypatch.setitem(compat.PROBES, "fused_adamw_scaling", lambda: "this torch's fused AdamW takes no grad_scale")
+    plan = resolve(SpeedConfig(), Setting(model_type="bert"))
+    assert not plan.folded_clipping and plan.off["folded_clipping"] == "this torch's fused AdamW takes no grad_scale"
+    taken, warning = plan.describe().splitlines()
+    assert "folded_clipping" not in taken and plan.summary()["speed_paths_off"]["folded_clipping"]
+    assert warning == "warning: speed path folded_clipping is off: this torch's fused AdamW takes no grad_scale"
+    with pytest.raises(TrainingSetupError, match="speed.folded_clipping=true: this torch's fused AdamW"):
+        resolve(SpeedConfig(folded_clipping=True), Setting(model_type="bert"))
+
+
+def test_unfolded_clipping_clips_with_accelerate():
     accelerator = make_accelerator(validate_config({"data": {"source": "tweets"}}).train)
     layer = nn.Linear(4, 2)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, foreach=False)
-    clip = gradient_clipper(accelerator, optimizer, list(layer.parameters()), 0.01)
+    clip = gradient_clipper(accelerator, optimizer, list(layer.parameters()), 0.01, folded=False)
     layer(torch.randn(3, 4)).sum().mul(100).backward()
     clip()
     assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in layer.parameters()])) <= 0.01 + 1e-6
@@ -288,7 +309,7 @@ def test_clipping_is_not_folded_into_an_optimizer_that_cannot_take_it():
 def test_planless_attention_leaves_out_cudnn_on_cuda_only():
     """cuDNN attention builds a plan per new batch shape; under a CUDA device it is switched off for
     the block and back on after it, and on a CPU nothing changes."""
-    from peftlab.attention_kernels import planless_attention
+    from peftlab.speed.attention import planless_attention
 
     cuda = torch.backends.cuda
     assert cuda.cudnn_sdp_enabled()
@@ -303,12 +324,12 @@ def test_planless_attention_leaves_out_cudnn_on_cuda_only():
         assert cuda.cudnn_sdp_enabled()
 
 
-def test_unread_figures_hold_losses_and_tokens_until_read():
+def test_pending_figures_hold_losses_and_tokens_until_read():
     """The loop's per-step loss and token count stay tensors until it logs, evaluates or
     checkpoints; then they land in the progress as floats and counts over all processes."""
-    from peftlab.train import Progress, UnreadFigures
+    from peftlab.training.loop import PendingFigures, Progress
 
-    unread, state = UnreadFigures(processes=2), Progress(tokens=5)
+    unread, state = PendingFigures(processes=2), Progress(tokens=5)
     masks = [torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])]
     for loss, mask in zip([torch.tensor(0.75, requires_grad=True), torch.tensor(0.5)], masks):
         unread.add(loss * 1, mask)
@@ -323,7 +344,8 @@ def test_unread_figures_hold_losses_and_tokens_until_read():
 def test_a_lagged_finiteness_check_skips_the_update_in_the_kernel_and_names_the_step():
     """A step with a non-finite loss (on any micro-batch) hands `found_inf` to the fused AdamW, which
     leaves weights, moments and step count as they were; the error comes at the next settle."""
-    from peftlab.finiteness import LaggedCheck, NonFiniteLossError
+    from peftlab.speed.lagged_check import LaggedCheck
+    from peftlab.training.finiteness import NonFiniteLossError
 
     weight = torch.nn.Parameter(torch.ones(4))
     optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
@@ -352,7 +374,8 @@ def test_a_lagged_finiteness_check_skips_the_update_in_the_kernel_and_names_the_
 def test_the_additive_attention_mask_gives_bitwise_the_masked_fill_results():
     """The training attention adds the mask (0 / the dtype's minimum) instead of masked_fill: the
     same outputs and gradients, bit for bit, in bf16 and fp32, with dropout on the probabilities."""
-    from peftlab.fast_dropout import attention as fast_attention, drop
+    from peftlab.speed.fast_dropout import attention as fast_attention
+    from peftlab.speed.fast_dropout import drop
 
     def masked_fill_attention(query, key, value, mask):
         scores = torch.matmul(query, key.transpose(2, 3)) * query.size(-1) ** -0.5

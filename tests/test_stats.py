@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from peftlab.stats import paired_comparison, summarize
+from peftlab.studies.stats import paired_comparison, summarize
 
 
 def test_summary_of_known_numbers_uses_student_t():

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from peftlab.cli import main
-from peftlab.config import ConfigError
+from peftlab.errors import ConfigError
 from peftlab.runs import is_finished
-from peftlab.study import STUDY_FILE, StudyError, load_study, run_study
+from peftlab.studies.study import STUDY_FILE, StudyError, load_study, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,8 +144,8 @@ def test_each_hub_preset_has_an_offline_twin_with_the_same_grid():
 
 
 def test_a_diverging_run_is_reported_and_the_others_go_on(make_study, monkeypatch, capsys):
-    import peftlab.train as train_module
-    from peftlab.report import write_report
+    import peftlab.training.run as train_module
+    from peftlab.studies.report import write_report
 
     real_apply = train_module.apply_method
 

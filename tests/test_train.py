@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 
 from peftlab.cli import main
 from peftlab.data import DataError
-from peftlab.pipeline import evaluate_run
+from peftlab.errors import NonFiniteLossError
 from peftlab.runs import RunError, load_run, read_metrics
-from peftlab.train import NonFiniteLossError, train
+from peftlab.training.reevaluate import evaluate_run
+from peftlab.training.run import train
 
 LEARNABLE = {
     "lora": ({"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0}, 5e-3),
@@ -128,12 +129,11 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_last_good_model(mak
                                                                             bad_step):
     """Checked at once (CPU), or a step later as on a GPU: then also on the last step of an epoch (15
     batches), whose evaluation must not run first."""
-    import peftlab.train as train_module
-
-    monkeypatch.setattr(train_module, "can_lag", lambda *args: lagged)
     poison_training_forward(monkeypatch, lambda n: n >= bad_step)
-    # op by op: a step replayed from a CUDA graph would not call the poisoning hook
-    config = make_config("bert", train={"epochs": 2, "eval_every_steps": 5, "cuda_graphs": False})
+    # `auto` lags the check on a GPU only; `true` lags it here. Op by op: a step replayed from a CUDA
+    # graph would not call the poisoning hook.
+    config = make_config("bert", train={"epochs": 2, "eval_every_steps": 5},
+                         speed={"cuda_graphs": False, "lagged_finiteness_check": lagged})
     with pytest.raises(NonFiniteLossError, match=f"at step {bad_step} .*stopped before that optimizer step"):
         train(config)
     if bad_step == 15:

@@ -7,8 +7,8 @@ import yaml
 
 from peftlab.cli import main
 from peftlab.runs import is_finished, load_run
-from peftlab.study import StudyError
-from peftlab.tune import load_tune
+from peftlab.studies.study import StudyError
+from peftlab.studies.tune import load_tune
 
 pytest.importorskip("optuna")
 

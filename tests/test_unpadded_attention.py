@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from peftlab.errors import TrainingSetupError
 from peftlab.models import load_classifier
-from peftlab.pipeline import TrainingSetupError
 from peftlab.runs import load_run
-from peftlab.train import train
-from peftlab.unpadded_attention import ATTENTION, segment_bounds, unpadded_attention, use_unpadded_attention
+from peftlab.speed.unpadded_attention import ATTENTION, segment_bounds, unpadded_attention, use_unpadded_attention
+from peftlab.training.run import train
 
 needs_flash = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
                                  reason="flash attention needs an Ampere or newer CUDA GPU")
@@ -51,8 +51,8 @@ def test_the_encoders_get_it_and_train_the_same_function_without_flash(tiny_mode
 def test_asking_for_it_without_a_flash_gpu_fails_before_any_work(make_config, tmp_path):
     if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
         pytest.skip("this machine runs flash attention")
-    with pytest.raises(TrainingSetupError, match="train.unpadded_attention=true: it needs a CUDA GPU"):
-        train(make_config(train={"unpadded_attention": True}))
+    with pytest.raises(TrainingSetupError, match="speed.unpadded_attention=true: it needs a CUDA GPU"):
+        train(make_config(speed={"unpadded_attention": True}))
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
@@ -116,7 +116,7 @@ def test_training_with_it_reaches_the_losses_of_sdpa(make_config, tiny_models, t
     for unpadded in (False, True):
         config = make_config("distilbert", model={"name": str(model), "max_length": 32},
                              method={"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
-                             train={"unpadded_attention": unpadded, "precision": "bf16", "epochs": 4, "lr": 5e-3},
+                             train={"precision": "bf16", "epochs": 4, "lr": 5e-3}, speed={"unpadded_attention": unpadded},
                              output={"name": f"unpadded-{unpadded}"})
         runs[unpadded] = load_run(train(config))
     assert runs[True].summary["unpadded_attention"] is True and runs[False].summary["unpadded_attention"] is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from peftlab.config import load_config
+    from peftlab.config_loading import load_config
 
     # `resume=auto` / `resume=PATH` is how to run, not part of the experiment: it stays out of the config.
     resume = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("resume=")), None)
@@ -24,7 +25,8 @@ def _train(args: argparse.Namespace) -> int:
                    "-m", "peftlab", "train", str(args.config), *args.overrides]
         print(f"peftlab train: starting {args.devices} processes: {' '.join(command[1:])}", file=sys.stderr, flush=True)
         os.execv(sys.executable, command)
-    from peftlab.train import TrainingInterrupted, train
+    from peftlab.training.resume import TrainingInterrupted
+    from peftlab.training.run import train
 
     try:
         train(config, resume=resume)
@@ -36,8 +38,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from peftlab.metrics import headline
-    from peftlab.pipeline import evaluate_run
     from peftlab.runs import load_run
+    from peftlab.training.reevaluate import evaluate_run
 
     metrics = evaluate_run(args.run, args.overrides)
     print(headline(metrics))
@@ -52,24 +54,28 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from peftlab.study import check_finished_runs, describe, load_study
+    from peftlab.studies.study import check_finished_runs, describe, load_study
 
     study = load_study(args.study, args.overrides)
     check_finished_runs(study)  # before the plan is shown: a [done] run must really be this cell's
     print(describe(study))
     if args.dry_run:
         return 0
-    from peftlab.study import run_study
-    from peftlab.train import TrainingInterrupted
+    from peftlab.studies.study import run_study
+    from peftlab.training.resume import TrainingInterrupted
 
+    runner = None
+    if args.backend == "ray":
+        from peftlab.studies.ray_backend import run_on_ray
+
+        runner = functools.partial(run_on_ray, address=args.address, retries=args.retries)
     try:
-        failures = run_study(study, progress=not args.no_progress, backend=args.backend, address=args.address,
-                             retries=args.retries)
+        failures = run_study(study, progress=not args.no_progress, runner=runner)
     except TrainingInterrupted as exc:
         print(f"peftlab study: {exc}; run the study again to go on", file=sys.stderr)
         return exc.exit_code
     if not args.no_report and any(study.directory.iterdir()):
-        from peftlab.report import write_report
+        from peftlab.studies.report import write_report
 
         out = write_report([study.directory])
         print(f"\nreport: {out / 'report.html'} (and report.md)")
@@ -81,7 +87,7 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from peftlab.tune import load_tune, run_tune
+    from peftlab.studies.tune import load_tune, run_tune
 
     tune = load_tune(args.tune, args.overrides)
     space = ", ".join(f"{k}: {v if isinstance(v, list) else f'{v.low:g}..{v.high:g}' + (' (log)' * v.log)}"
@@ -109,7 +115,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from peftlab.report import write_report
+    from peftlab.studies.report import write_report
 
     out = write_report(args.paths, args.out)
     print(f"report: {out / 'report.html'} (and report.md)")
@@ -117,14 +123,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from peftlab.report import compare_text
+    from peftlab.studies.report import compare_text
 
     print(compare_text(args.paths))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from peftlab.predict import predict_file
+    from peftlab.serving.predict import predict_file
 
     rows = predict_file(args.run, args.input, args.output, args.text_column, args.batch_size)
     if args.output:
@@ -133,7 +139,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from peftlab.export import export_run
+    from peftlab.serving.export import export_run
 
     out = export_run(args.run, args.merged, onnx=args.onnx, force=args.force)
     print(f"exported {args.run} to {out}" + (" (with model.onnx, checked with onnxruntime)" if args.onnx else ""))
@@ -147,11 +153,11 @@ SERVE_OPTIONS = ("host", "port", "max_batch_inputs", "max_payload_bytes", "max_c
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from peftlab.config import ServeSettings
-    from peftlab.serving import ServedModel, ServeError
+    from peftlab.serving.adapters import ServedModel, ServeError
+    from peftlab.serving.settings import ServeSettings
 
     try:
-        from peftlab.server import serve
+        from peftlab.serving.server import serve
     except ImportError as exc:
         raise ServeError(f"peftlab serve needs FastAPI, uvicorn and prometheus-client ({exc}): "
                          "pip install 'peftlab[serve]'") from None
@@ -263,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "merged export")
     serve.add_argument("--name", default="default", help="the name a --model is served under (default: default)")
     serve.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if there is one)")
-    from peftlab.config import ServeSettings
+    from peftlab.serving.settings import ServeSettings
 
     for key in SERVE_OPTIONS:
         field = ServeSettings.model_fields[key]

@@ -1,29 +1,29 @@
-"""Typed, validated run configuration: YAML file + dotted ``key=value`` overrides."""
+"""The typed run configuration: one validated object per concern (model, data, method, speed,
+training, output), each field documented where it is declared (docs/config.md is generated from
+these docstrings). Reading files and overrides is config_loading.py's."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message lists every bad key at once."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+from peftlab.method_configs import DEFAULT_LR, LoraMethod, MethodConfig
+from peftlab.typed_config import Strict
 
 # --------------------------------------------------------------------------- model
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
+    """The pretrained encoder that is fine-tuned, with a classification head for the labels. Weights load from
+    safetensors (pickled weights only with `allow_pickle`), and no remote code runs."""
+
     name: str = "minilm"
-    """Hub model name, local directory, or `minilm` (the packaged all-MiniLM-L6-v2)."""
+    """Hub model name (e.g. `distilbert-base-uncased`), local directory, or `minilm` (the packaged
+    all-MiniLM-L6-v2)."""
     max_length: int = Field(128, ge=8, le=8192)
     """Texts are truncated to this many tokens."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -35,19 +35,26 @@ class ModelConfig(_Strict):
 # --------------------------------------------------------------------------- data
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
+    """Where the labelled texts come from: a hub dataset or alias (`source`), or local files (`train_file`,
+    optionally `eval_file`), never both. Every row is checked before a model loads."""
+
     source: str | None = None
-    """Hub dataset name (`imdb`, `ag_news`) or offline alias `tweets`; or leave empty and give files."""
+    """Hub dataset name (`imdb`, `ag_news`) or offline alias `tweets` (the packaged tweet corpus); or leave
+    empty and give files."""
     hub_config: str | None = None
     """Hub dataset configuration (subset) name."""
     train_file: Path | None = None
-    """Local csv / jsonl / parquet file with training rows."""
+    """Local csv / tsv / jsonl / parquet file with training rows."""
     eval_file: Path | None = None
     """Local file with evaluation rows; without it `eval_fraction` of the training rows is held out."""
     train_split: str = "train"
+    """Hub split used for training."""
     eval_split: str | None = "test"
     """Hub split used for evaluation; null holds out `eval_fraction` of the train split."""
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """Share of the training rows held out (stratified, seeded) for evaluation when there is no eval file or
+    split."""
     text_column: str | None = None
     """Defaults to the source's own text column (`text` for files)."""
     text_pair_column: str | None = None
@@ -61,6 +68,7 @@ class DataConfig(_Strict):
     n_train: int | None = Field(None, ge=1)
     """Stratified, seeded subsample of the training rows."""
     n_eval: int | None = Field(None, ge=1)
+    """Stratified, seeded subsample of the evaluation rows."""
     seed: int = 42
     """Seed of subsampling and held-out splits (kept apart from `train.seed`, so seeds vary only training)."""
 
@@ -75,76 +83,90 @@ class DataConfig(_Strict):
         return self
 
 
-# --------------------------------------------------------------------------- methods
+# --------------------------------------------------------------------------- speed
 
-Targets = Union[Literal["attention", "feedforward", "all-linear"], list[str]]
-
-
-class FullMethod(_Strict):
-    """Every weight is trained."""
-
-    kind: Literal["full"] = "full"
+Switch = Union[bool, Literal["auto"]]
 
 
-class HeadMethod(_Strict):
-    """Only the classification head is trained (a linear probe)."""
+class SpeedConfig(Strict):
+    """peftlab's speed paths (docs/performance.md). Each switch: `auto` takes the path where it is
+    verified for this device, model family and method; `true` where it cannot run is an error, before
+    the model loads; `false` is off. `speed: off` turns every path off: the plain reference path."""
 
-    kind: Literal["head"] = "head"
+    all: bool = True
+    """`false` (or `speed: off`) turns every path off; a switch set to `true` beside it is an error."""
+    fast_dropout: Switch = "auto"
+    """Dropout masks from a faster CPU sampler (the same rate, another random stream), attention
+    probabilities dropped by peftlab's own attention; `auto`: training on a CPU, uncompiled."""
+    seen_embedding_rows: Switch = "auto"
+    """Full fine-tuning: update only the input-embedding rows of tokens in the training data (the
+    others' gradients are zero), sparing each step the whole vocabulary's update; `auto`: on a CPU,
+    unsharded. Its steps are not recorded as CUDA graphs."""
+    first_token_last_layer: Switch = "auto"
+    """Compute the last encoder layer for the first token only, the one the classifier reads: the same
+    logits and gradients; dropout draws smaller masks, so a seed gives another run. Families with a
+    first-token head (families.py); `auto`: training on a CPU, uncompiled."""
+    packed_tokens: Switch = "auto"
+    """Train the encoder's layers on each batch's real tokens packed into one row, padding left out of
+    their products, layer norms and dropout masks: the same logits and gradients up to summation
+    order. On a CPU, through fast dropout's attention; `auto`: where fast_dropout is on and batches
+    are random (`train.group_by_length: false`; length-grouped batches have too little padding)."""
+    cast_frozen_linears: Switch = "auto"
+    """Adapter methods under bf16/fp16 autocast: keep the frozen linear weights in that dtype (autocast
+    casts them at every call otherwise); `auto`: unsharded runs of head, LoRA, LoRA+ and IA3."""
+    packed_frozen_linears: Switch = "auto"
+    """On a CPU in bf16, pack the frozen linear weights once into oneDNN's blocked layout (instead of at
+    every call); needs cast_frozen_linears and oneDNN's bf16 ops; `auto`: where those are, uncompiled."""
+    evaluation_packing: Switch = "auto"
+    """Evaluation, predict and serve on a CPU run the encoder on real tokens only and the last layer for
+    the first token only (the same logits up to summation order), and in bf16 with every linear weight
+    packed for the evaluation; `auto`: on a CPU for the families with SDPA attention."""
+    folded_clipping: Switch = "auto"
+    """Gradient clipping folded into the fused AdamW step (the gradients are divided as the optimizer
+    reads them; the same update up to rounding); `auto`: without fp16's loss scaler or FSDP."""
+    lagged_finiteness_check: Switch = "auto"
+    """Read whether a step's loss was finite one step later, the fused optimizer skipping a non-finite
+    step itself, so that the host does not wait for the GPU every step; one unsharded process without
+    fp16 and with `train.skip_nonfinite_steps: 0`; `auto`: on a CUDA GPU."""
+    process_settings: Switch = "auto"
+    """On a CPU, keep freed memory in the heap (glibc) and let oneDNN cache 8,192 compiled kernels;
+    process-wide settings; `auto`: on a CPU."""
+    planless_attention: Switch = "auto"
+    """On a CUDA GPU, SDPA's flash and memory-efficient kernels instead of cuDNN's, which builds a plan
+    for every new batch shape; `auto`: on a CUDA GPU."""
+    cuda_graphs: Switch = "auto"
+    """Replay each training step's forward and backward passes from CUDA graphs recorded once per batch
+    shape (batches padded to lengths in steps of 64 tokens); `auto`: one process on a CUDA GPU in bf16
+    or fp32, for the families and methods verified with graphs."""
+    unpadded_attention: Switch = "auto"
+    """Attention through flash attention's variable-length kernel, each text over its own tokens,
+    instead of SDPA with a padding mask; `auto`: on a CUDA GPU of the Ampere generation or newer in
+    bf16 or fp16, for families with SDPA attention."""
+    compile: bool = False
+    """Compile the encoder's repeated blocks with torch.compile (inductor, dynamic shapes; evaluation
+    runs op by op): pays on long GPU runs only, once its compiling is paid for (see bench/RESULTS.md).
+    Needs Triton on a GPU, a C++ compiler on a CPU."""
 
-
-class LoraMethod(_Strict):
-    """LoRA (and DoRA with `kind: dora`) through peft."""
-
-    kind: Literal["lora", "dora"] = "lora"
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    bias: Literal["none", "all", "lora_only"] = "none"
-    rslora: bool = False
-    """Scale by alpha/sqrt(r) instead of alpha/r (rank-stabilised LoRA)."""
-    init: Literal["default", "gaussian"] = "default"
-    """peft's PiSSA / OLoRA rewrite base weights and cannot yet be converted back with a trained head."""
-    targets: Targets = "attention"
-    """Module names, or `attention` / `feedforward` / `all-linear` resolved per architecture."""
-
-
-class LoraPlusMethod(LoraMethod):
-    """LoRA+: the B matrices learn `lr_ratio` times faster than A."""
-
-    kind: Literal["loraplus"] = "loraplus"  # type: ignore[assignment]
-    lr_ratio: float = Field(16.0, gt=0)
-
-
-class IA3Method(_Strict):
-    kind: Literal["ia3"] = "ia3"
-    targets: Targets = "all-linear"
-    feedforward_targets: Targets | None = None
-    """Targets whose input (not output) is scaled; by default the architecture's feed-forward layers among `targets`."""
-
-
-class PeftMethod(_Strict):
-    """Any other peft method, named by its config class (`VeraConfig`, `LoHaConfig`, ...)."""
-
-    kind: Literal["peft"] = "peft"
-    config: str
-    options: dict[str, Any] = {}
+    @model_validator(mode="before")
+    @classmethod
+    def _on_or_off(cls, value: Any) -> Any:
+        if value is False or value == "off":
+            return {"all": False}
+        if value is True or value in ("on", "auto"):
+            return {}
+        return value
 
     @model_validator(mode="after")
-    def _known_peft_config(self) -> "PeftMethod":
-        from peftlab.methods import check_peft_options
-
-        check_peft_options(self.config, self.options)
+    def _nothing_on_when_all_off(self) -> "SpeedConfig":
+        if not self.all:
+            forced = [name for name in SPEED_SWITCHES if getattr(self, name) is True]
+            if forced:
+                raise ValueError(f"speed.all=false turns every path off; drop {', '.join('speed.' + n for n in forced)}")
         return self
 
 
-MethodConfig = Annotated[
-    Union[FullMethod, HeadMethod, LoraMethod, LoraPlusMethod, IA3Method, PeftMethod],
-    Field(discriminator="kind"),
-]
-METHOD_CLASSES: dict[str, type[BaseModel]] = {
-    "full": FullMethod, "head": HeadMethod, "lora": LoraMethod, "dora": LoraMethod,
-    "loraplus": LoraPlusMethod, "ia3": IA3Method, "peft": PeftMethod,
-}
+SPEED_SWITCHES = tuple(name for name in SpeedConfig.model_fields if name != "all")
+
 
 # --------------------------------------------------------------------------- training
 
@@ -153,67 +175,50 @@ DEFAULT_WARMUP_RATIO = 0.06  # as in the recipes of docs/recipes.md (and RoBERTa
 METRICS = ("accuracy", "f1", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "eval_loss")
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
+    """The optimisation: AdamW (no weight decay on 1-D parameters) with a warmed-up schedule, evaluation, the
+    kept checkpoint and resumption."""
+
     epochs: int = Field(3, ge=1)
+    """Passes over the training rows."""
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps (overrides epochs when reached first)."""
     batch_size: int = Field(16, ge=1)
+    """Training texts per batch, per process."""
     eval_batch_size: int = Field(64, ge=1)
+    """Texts per evaluation batch."""
     grad_accum: int = Field(1, ge=1)
+    """Batches whose gradients are accumulated into one optimizer step."""
     lr: float | None = Field(None, gt=0)
-    """Peak learning rate; default the method's own (DEFAULT_LR: full 5e-5, LoRA 2e-3, ...)."""
+    """Peak learning rate; default the method kind's own (listed below)."""
     weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay of the 2-D weights (biases, layer norms and other 1-D parameters get none)."""
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate schedule after the warm-up (linear and cosine decay to zero at the last step)."""
     warmup_steps: int | None = Field(None, ge=0)
+    """Optimizer steps the learning rate warms up over; give this or `warmup_ratio`, not both."""
     warmup_ratio: float | None = Field(None, ge=0, lt=1)
     """Share of the steps the learning rate warms up over; default 0.06 unless warmup_steps is given."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the gradient norm to this; null disables clipping."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """`auto`: bf16 autocast on a GPU that has it, fp32 elsewhere (on a CPU with AMX or AVX-512 BF16, bf16 is faster)."""
-    fast_dropout: bool | Literal["auto"] = "auto"
-    """Draw dropout masks with peftlab's faster CPU sampler (same rate, another random stream);
-    `auto`: on when training on a CPU."""
-    seen_embedding_rows: bool | Literal["auto"] = "auto"
-    """Full fine-tuning: update only the input-embedding rows of tokens in the training data (the same
-    result: the other rows' gradients are zero), sparing each step the whole vocabulary's gradient and
-    optimizer update; `auto`: on when training on a CPU. On a GPU its steps run without CUDA graphs."""
-    first_token_last_layer: bool | Literal["auto"] = "auto"
-    """Compute the last encoder layer for the first token only, the one the classifier reads (its keys
-    and values still for every token): the same logits and gradients, most of one layer's
-    products spared; dropout draws smaller masks, so a seed gives another run. BERT, RoBERTa, ELECTRA
-    and DistilBERT classifiers (first_token.py); `auto`: on when training on a CPU, uncompiled.
-    Evaluation on a CPU does it whatever this says (packed_tokens.py)."""
-    packed_tokens: bool | Literal["auto"] = "auto"
-    """Train the encoder's layers on each batch's real tokens packed into one row, padding left out of
-    their products, layer norms and dropout masks (attention still sees the padded rows): the same
-    logits and gradients, up to summation order; dropout draws smaller masks, so a seed gives another
-    run. On a CPU, through fast_dropout's attention, for the encoders it serves (packed_tokens.py);
-    `auto`: on where fast_dropout is and batches are random (group_by_length=false): random batches of
-    tweets are 40% padding, length-grouped ones 3%, too little to pay for packing."""
-    cuda_graphs: bool | Literal["auto"] = "auto"
-    """Replay each step's forward and backward passes from CUDA graphs, recorded once per batch
-    shape (batches padded to lengths in steps of 64 tokens); `auto`: on for one process on a CUDA GPU
-    in bf16 or fp32, for the encoders and methods verified with graphs (step_passes.py)."""
-    unpadded_attention: bool | Literal["auto"] = "auto"
-    """Attention through flash attention's variable-length kernel, each text over its own tokens,
-    instead of SDPA with a padding mask (the same function; another kernel and dropout stream);
-    `auto`: on a CUDA GPU of the Ampere generation or newer in bf16 or fp16, for BERT-like encoders."""
-    compile: bool = False
-    """Compile the encoder's repeated blocks with torch.compile (inductor, dynamic shapes; evaluation
-    runs op by op): the H200's LoRA epoch 6.1 s instead of 7.8 s, after 40-60 s of compiling, so it pays on
-    runs longer than about 4 minutes (compiled_blocks.py). Needs Triton on a GPU, a C++ compiler on a CPU."""
+    """Mixed precision. `auto`: bf16 autocast on a GPU that has it, fp32 elsewhere. On a CPU that multiplies
+    bf16 natively (Intel AMX, or AVX-512 BF16 as on AMD EPYC Zen 4: `lscpu` flags `amx_bf16`, `avx512_bf16`)
+    `bf16` is faster, and an fp32 run there prints a hint (see bench/RESULTS.md)."""
     seed: int = 42
+    """Seed of training (head initialisation, batch order, dropout); the data subsample has `data.seed`."""
     eval_every_steps: int | None = Field(None, ge=1)
     """Also evaluate every N optimizer steps (always after each epoch)."""
     log_every_steps: int = Field(10, ge=1)
+    """Log the training loss, learning rate and throughput every N optimizer steps."""
     best_metric: Literal[METRICS] = "f1_macro"  # type: ignore[valid-type]
     """The saved model is the checkpoint best by this metric."""
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop after this many evaluations without improvement of `best_metric`."""
     group_by_length: bool = True
     """Batch texts of similar length together (seeded), so padding is small; `false`: random batches,
-    as HF Trainer's, trained on their real tokens only on a CPU (packed_tokens)."""
+    as HF Trainer's (on a CPU trained on their real tokens only: speed.packed_tokens). Quality and speed of
+    both: see bench/RESULTS.md."""
     num_threads: int | None = Field(None, ge=1)
     """torch CPU threads; default leaves torch's choice."""
     checkpoint_every: int | None = Field(None, ge=1)
@@ -231,35 +236,6 @@ class TrainConfig(_Strict):
             raise ValueError("give train.warmup_steps or train.warmup_ratio, not both")
         if self.warmup_steps is None and self.warmup_ratio is None:
             self.warmup_ratio = DEFAULT_WARMUP_RATIO
-        return self
-
-    @model_validator(mode="after")
-    def _graphs_without_seen_rows(self) -> "TrainConfig":
-        if self.cuda_graphs is True and self.seen_embedding_rows is True:
-            raise ValueError("train.cuda_graphs=true cannot record the seen embedding rows of "
-                             "train.seen_embedding_rows=true (they check each batch's token ids on the host); "
-                             "leave one of them at auto")
-        return self
-
-    @model_validator(mode="after")
-    def _first_token_uncompiled(self) -> "TrainConfig":
-        if self.compile and self.first_token_last_layer is True:
-            raise ValueError("train.first_token_last_layer=true is untried with train.compile=true; "
-                             "leave first_token_last_layer at auto (off when compiling)")
-        return self
-
-    @model_validator(mode="after")
-    def _packed_with_fast_dropout(self) -> "TrainConfig":
-        if self.packed_tokens is True and self.fast_dropout is False:
-            raise ValueError("train.packed_tokens=true trains through fast dropout's attention; "
-                             "leave fast_dropout at auto or true")
-        return self
-
-    @model_validator(mode="after")
-    def _compile_with_traceable_dropout(self) -> "TrainConfig":
-        if self.compile and self.fast_dropout is True:
-            raise ValueError("train.compile=true cannot compile the numpy masks of train.fast_dropout=true; "
-                             "leave fast_dropout at auto (off when compiling)")
         return self
 
 
@@ -281,7 +257,9 @@ def run_name_problem(name: str) -> str | None:
     return None
 
 
-class OutputConfig(_Strict):
+class OutputConfig(Strict):
+    """Where the run directory goes and what it keeps."""
+
     dir: Path = Path("runs")
     """Parent directory of run directories."""
     name: str | None = None
@@ -290,6 +268,7 @@ class OutputConfig(_Strict):
     """Replace an existing finished run of the same name (only once the new one finishes), and start
     afresh over the checkpoints of an unfinished one; never replaces what is not a peftlab run."""
     save_model: bool = True
+    """Save the best model (adapter or weights, with the tokenizer) in the run directory."""
     progress: bool = True
     """Show progress bars."""
     cache_dir: Path | None = None
@@ -304,16 +283,12 @@ class OutputConfig(_Strict):
         return name
 
 
-# Adapters train a few fresh weights and need far higher rates than full fine-tuning; these are the
-# rates that did best in peftlab's own studies on MiniLM + tweets (docs/recipes.md).
-DEFAULT_LR = {"full": 5e-5, "head": 1e-3, "lora": 2e-3, "dora": 2e-3, "loraplus": 5e-4, "ia3": 1e-2, "peft": 1e-3}
-
-
-class RunConfig(_Strict):
+class RunConfig(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig
     method: MethodConfig = LoraMethod()
     train: TrainConfig = TrainConfig()
+    speed: SpeedConfig = SpeedConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -324,162 +299,3 @@ class RunConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `2e-4` as a string; learning rates are written that way, so read it as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
-
-
-def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["method.r=16", "train.epochs=5"]` -> `{"method.r": 16, ...}`; values parse as YAML."""
-    parsed: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {pair!r} is not of the form section.key=value")
-        parsed[key] = _yaml(raw) if raw.strip() else None
-    return parsed
-
-
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict (a copy); validation happens afterwards."""
-    result = _deep_copy(raw)
-    for dotted, value in overrides.items():
-        node = result
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {} if child is None else child
-                if not isinstance(child, dict):
-                    raise ConfigError(f"override {dotted}: {part} is not a section")
-                node[part] = child
-            node = child
-        node[leaf] = value
-    return result
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = _yaml(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return raw
-
-
-def validate_config(raw: dict[str, Any], origin: str = "config") -> RunConfig:
-    """Validate a raw dict, collecting every problem into one ConfigError."""
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [_describe_error(err, raw) for err in exc.errors()]
-        raise ConfigError(f"{origin}: {len(lines)} problem(s)\n  " + "\n  ".join(lines)) from None
-
-
-def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConfig:
-    raw = apply_overrides(read_yaml(Path(path)), parse_overrides(overrides or []))
-    return validate_config(raw, origin=str(path))
-
-
-NOT_EXPERIMENT_KEYS = frozenset({"output.overwrite", "output.progress", "output.cache_dir"})
-
-
-def config_differences(saved: dict[str, Any], expected: dict[str, Any], ignore=NOT_EXPERIMENT_KEYS,
-                       prefix: str = "") -> list[str]:
-    """`train.lr: 0.005 there, 0.001 here` for every dotted key whose value differs. A saved config
-    is read with today's defaults first, so that keys added since it was written do not count."""
-    if not prefix:
-        saved = with_defaults(saved)
-    out = []
-    for key in sorted(set(saved) | set(expected)):
-        dotted = f"{prefix}{key}"
-        if dotted in ignore:
-            continue
-        a, b = saved.get(key), expected.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, ignore, dotted + ".")
-        elif a != b:
-            out.append(f"{dotted}: {a!r} there, {b!r} here")
-    return out
-
-
-def with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return RunConfig.model_validate(raw).model_dump(mode="json")
-    except ValidationError:
-        return raw  # then the differences name what no longer validates
-
-
-def _describe_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
-    loc = [str(part) for part in err["loc"]]
-    # Discriminated unions put the tag into the location ("method.lora.r"): drop it.
-    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHOD_CLASSES:
-        loc.pop(1)
-    key = ".".join(loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        allowed = ", ".join(sorted(_fields_at(loc[:-1], raw)))
-        return f"{key}: unknown key (allowed here: {allowed})"
-    if err["type"] == "union_tag_invalid":
-        return f"{key}: unknown method kind {err['input'].get('kind')!r} (allowed: {', '.join(METHOD_CLASSES)})"
-    if err["type"] == "union_tag_not_found":
-        return f"{key}: missing `kind` (one of: {', '.join(METHOD_CLASSES)})"
-    message = err["msg"].removeprefix("Value error, ")
-    shown = "" if err["type"] in ("missing", "value_error") else f" (got {err.get('input')!r})"
-    return f"{key}: {message}{shown}"
-
-
-def _fields_at(section: list[str], raw: dict[str, Any]) -> list[str]:
-    if not section:
-        return list(RunConfig.model_fields)
-    head = section[0]
-    if head == "method":
-        kind = (raw.get("method") or {}).get("kind", "lora")
-        cls = METHOD_CLASSES.get(kind, LoraMethod)
-    else:
-        cls = RunConfig.model_fields[head].annotation
-    return list(cls.model_fields)  # type: ignore[union-attr]
-
-
-class ServeSettings(_Strict):
-    """Limits of one server; the defaults follow text-embeddings-inference's where it has one."""
-
-    host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(8080, ge=0, le=65535, description="port to listen on")
-    max_batch_inputs: int = Field(32, ge=1, description="inputs per request; more is 413")
-    max_payload_bytes: int = Field(2_000_000, ge=1, description="request body size; more is 413")
-    max_concurrent: int = Field(512, ge=1, description="requests in flight; more is 429 at once")
-    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward pass")
-    max_wait_ms: float = Field(5.0, ge=0, description="how long a request waits for others to batch with")
-    timeout_s: float = Field(30.0, gt=0, description="seconds per request; past it, 504")
-    auto_truncate: bool = Field(False, description="truncate over-long texts when a request does not say")
-    api_key: str | None = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
-    max_text_chars: int = Field(100_000, ge=1, description="characters per text; more is 413 (truncated or not)")
-    max_queue_rows: int = Field(4096, ge=1, description="texts waiting for or in a forward pass; more is 429")
-    read_timeout_s: float = Field(10.0, gt=0, description="seconds to send a request's headers, and its body; "
-                                                         "past it, 408 or the connection is closed")
-    max_connections: int = Field(1024, ge=1, description="open connections; past it, 503")
-    docs: bool = Field(False, description="serve /docs and /openapi.json")

@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import codecs
 import csv
-import hashlib
 import json
 import math
-import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
-import torch
 
 from peftlab.assets import DATASET_ALIASES
 from peftlab.config import DataConfig
-from peftlab.durable import fsync_dir
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, row, column or value at fault."""
-
+from peftlab.errors import DataError
 
 # --------------------------------------------------------------------------- raw tables
 
@@ -369,208 +360,3 @@ def _data_notes(train: Table, evaluation: Table, train_ids: np.ndarray) -> dict[
     overlap = sum(text in first_label for text in evaluation.texts)
     return {"duplicate_train_texts": duplicates, "conflicting_train_labels": conflicts,
             "eval_texts_also_in_train": overlap}
-
-
-# --------------------------------------------------------------------------- tokens
-
-
-@dataclass
-class Encoded:
-    """Token ids of one split, unpadded; padding happens per batch."""
-
-    input_ids: list[np.ndarray]
-    token_type_ids: list[np.ndarray] | None
-    labels: np.ndarray
-    truncated: int
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-def cache_root(configured: Path | None) -> Path:
-    return Path(configured or os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab")
-
-
-def encode(table: Table, label_ids: np.ndarray, tokenizer, max_length: int, cache_dir: Path | None) -> Encoded:
-    """Tokenise once; the result is cached on disk keyed by texts, tokenizer and max_length."""
-    with_types = table.pairs is not None and "token_type_ids" in tokenizer.model_input_names
-    key = _cache_key(table, tokenizer, max_length)
-    path = cache_root(cache_dir) / "tokens" / f"{key}.npz"
-    if path.is_file():
-        try:
-            return _read_tokens(path, label_ids, with_types)
-        except Exception as exc:  # noqa: BLE001 - a damaged zip fails in many ways (BadZipFile, EOFError, ...)
-            # A cache is only a copy: a damaged entry (cut short, overwritten) is rebuilt, never fatal.
-            warnings.warn(f"token cache {path} is damaged ({type(exc).__name__}: {exc}); tokenising again",
-                          stacklevel=2)
-    full = tokenizer(table.texts, table.pairs, truncation=True, max_length=max_length,
-                     return_attention_mask=False, return_token_type_ids=with_types)
-    # Fast tokenizers keep what truncation cut off, so counting truncated texts needs no second pass.
-    truncated = sum(bool(e.overflowing) for e in full.encodings)
-    ids = [np.asarray(x, dtype=np.int32) for x in full["input_ids"]]
-    types = [np.asarray(x, dtype=np.int8) for x in full["token_type_ids"]] if with_types else None
-    _write_tokens(path, ids, types, truncated)
-    return Encoded(ids, types, label_ids, truncated)
-
-
-def _cache_key(table: Table, tokenizer, max_length: int) -> str:
-    digest = hashlib.sha256()
-    digest.update(_tokenizer_identity(tokenizer).encode())
-    digest.update(f"|{max_length}|{tokenizer.model_input_names}|".encode())
-    for texts in (table.texts, table.pairs or []):
-        digest.update(str(len(texts)).encode())
-        for text in texts:
-            digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
-    return digest.hexdigest()[:32]
-
-
-def _tokenizer_identity(tokenizer) -> str:
-    """What makes the tokenizer's output, without the truncation and padding state that transformers
-    sets on the backend at each call: keyed with it, the same tokenizer missed the cache once used."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return repr(tokenizer)
-    state = json.loads(backend.to_str())
-    state.pop("truncation", None)
-    state.pop("padding", None)
-    return json.dumps(state, sort_keys=True)
-
-
-def _write_tokens(path: Path, ids: list[np.ndarray], types: list[np.ndarray] | None, truncated: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    offsets = np.cumsum([0] + [len(x) for x in ids], dtype=np.int64)
-    arrays = {"ids": np.concatenate(ids) if ids else np.zeros(0, np.int32), "offsets": offsets,
-              "truncated": np.asarray(truncated)}
-    if types is not None:
-        arrays["types"] = np.concatenate(types)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())  # the bytes are on disk before the name is: a crash leaves no empty entry
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def _read_tokens(path: Path, label_ids: np.ndarray, with_types: bool) -> Encoded:
-    with np.load(path, allow_pickle=False) as stored:
-        offsets = stored["offsets"]
-        flat = stored["ids"]
-        if len(offsets) != len(label_ids) + 1 or offsets[0] != 0 or offsets[-1] != len(flat):
-            raise ValueError(f"holds {len(offsets) - 1} texts' offsets for {len(label_ids)} texts")
-        ids = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        types = None
-        if with_types:
-            flat_types = stored["types"]
-            if len(flat_types) != len(flat):
-                raise ValueError(f"holds {len(flat_types)} token types for {len(flat)} tokens")
-            types = [flat_types[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        return Encoded(ids, types, label_ids, int(stored["truncated"]))
-
-
-# --------------------------------------------------------------------------- batches
-
-
-class LengthGroupedBatches:
-    """Batches of indices; with grouping, texts of similar length share a batch (less padding).
-
-    Training order is seeded by (seed, epoch): reproducible and resumable. Evaluation batches
-    are sorted longest first, the order that pads least.
-    """
-
-    MEGABATCH = 50  # batches per sorted window: small enough to keep the order random
-
-    def __init__(self, lengths: np.ndarray, batch_size: int, shuffle: bool, group_by_length: bool, seed: int = 0):
-        self.lengths, self.batch_size = lengths, batch_size
-        self.shuffle, self.group_by_length, self.seed = shuffle, group_by_length, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        n, size = len(self.lengths), self.batch_size
-        if not self.shuffle:
-            order = np.argsort(-self.lengths, kind="stable") if self.group_by_length else np.arange(n)
-            yield from (order[i : i + size].tolist() for i in range(0, n, size))
-            return
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(n)
-        if not self.group_by_length:
-            yield from (order[i : i + size].tolist() for i in range(0, n, size))
-            return
-        window = size * self.MEGABATCH
-        batches = []
-        for start in range(0, n, window):
-            chunk = order[start : start + window]
-            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            batches.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
-        for b in rng.permutation(len(batches)):
-            yield batches[b].tolist()
-
-
-class EncodedDataset(torch.utils.data.Dataset):
-    def __init__(self, encoded: Encoded):
-        self.encoded = encoded
-
-    def __len__(self) -> int:
-        return len(self.encoded)
-
-    def __getitem__(self, i: int) -> int:
-        return i  # the collator reads the arrays directly: no per-item dicts
-
-
-class Collator:
-    """Pads a batch to its longest text, optionally rounded up to a multiple (for GPU tensor cores,
-    or to few shapes for CUDA graphs) but not past `max_width`."""
-
-    def __init__(self, encoded: Encoded, pad_id: int, pad_to_multiple_of: int = 1, max_width: int | None = None):
-        self.encoded, self.pad_id, self.multiple, self.max_width = encoded, pad_id, pad_to_multiple_of, max_width
-
-    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        seqs = [self.encoded.input_ids[i] for i in indices]
-        width = max(len(s) for s in seqs)
-        rounded = -(-width // self.multiple) * self.multiple
-        width = max(width, min(rounded, self.max_width)) if self.max_width else rounded
-        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        for row, seq in enumerate(seqs):
-            ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
-        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
-                 "labels": torch.from_numpy(self.encoded.labels[indices]),
-                 "index": torch.as_tensor(indices, dtype=torch.int64)}
-        if self.encoded.token_type_ids is not None:
-            types = np.zeros((len(seqs), width), dtype=np.int64)
-            for row, i in enumerate(indices):
-                types[row, : len(self.encoded.token_type_ids[i])] = self.encoded.token_type_ids[i]
-            batch["token_type_ids"] = torch.from_numpy(types)
-        return batch
-
-
-def set_sampler_epoch(loader, epoch: int) -> None:
-    """Seed this epoch's order. With several processes accelerate wraps our sampler in its
-    BatchSamplerShard, whose `set_epoch` does not reach it, so the chain is walked to find it."""
-    loader.set_epoch(epoch)
-    sampler = getattr(loader, "batch_sampler", None)
-    while sampler is not None and not isinstance(sampler, LengthGroupedBatches):
-        sampler = getattr(sampler, "batch_sampler", None)
-    if sampler is not None:
-        sampler.set_epoch(epoch)
-
-
-def make_loader(encoded: Encoded, batch_size: int, shuffle: bool, group_by_length: bool, seed: int,
-                pad_id: int, pad_to_multiple_of: int = 1, max_width: int | None = None) -> torch.utils.data.DataLoader:
-    sampler = LengthGroupedBatches(encoded.lengths, batch_size, shuffle, group_by_length, seed)
-    # Pinned batches go to a GPU without the host waiting for the copy (accelerate sends them with
-    # non_blocking, see make_accelerator), so it can prepare the next step meanwhile.
-    return torch.utils.data.DataLoader(EncodedDataset(encoded), batch_sampler=sampler,
-                                       collate_fn=Collator(encoded, pad_id, pad_to_multiple_of, max_width),
-                                       pin_memory=torch.cuda.is_available())

@@ -63,22 +63,6 @@ def cpu_bf16_matmul() -> str | None:
     return "avx512_bf16" if "avx512_bf16" in flags else None
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
-
-
-def keep_freed_memory(top_limit_mb: int = 512) -> bool:
-    """Have glibc keep freed blocks for reuse instead of handing them back to the kernel. It serves
-    blocks over 32 MB (the gradient of a BERT vocabulary's embeddings: 47 MB for MiniLM) with mmap
-    and unmaps them when freed, so every CPU training step faulted that many fresh, kernel-zeroed
-    pages back in; from the heap they are reused (full fine-tuning about 8% faster). Up to
-    `top_limit_mb` of free memory stays at the heap's top. Process-wide, like torch.set_num_threads;
-    False (nothing changed) off glibc."""
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, top_limit_mb << 20))
-
-
 def release_freed_memory() -> bool:
     """Hand the heap's free memory back to the kernel (glibc's malloc_trim), so that the resident
     size is what live objects use: a run started after others in one process then measures its own
@@ -86,19 +70,6 @@ def release_freed_memory() -> bool:
     if platform.libc_ver()[0] != "glibc":
         return False
     ctypes.CDLL(None).malloc_trim(0)
-    return True
-
-
-def cache_more_cpu_kernels(capacity: int = 8192) -> bool:
-    """Let oneDNN keep `capacity` compiled CPU kernels (its default 1,024). Each batch length brings
-    kernels of its own, and a LoRA epoch on tweets (about 80 lengths) made about 1,100: the cache
-    evicted the earlier ones, so every epoch and evaluation compiled them again (0.9 s of the second
-    epoch; 0.2 s with a larger cache, 25 MB more memory). oneDNN reads the setting when it first
-    compiles a kernel, so it holds only where nothing in this process ran a bf16 matmul before; a
-    value the user set is kept. Returns whether it was set here."""
-    if "ONEDNN_PRIMITIVE_CACHE_CAPACITY" in os.environ:
-        return False
-    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(capacity)
     return True
 
 

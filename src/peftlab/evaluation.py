@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from peftlab.attention_kernels import planless_attention
-from peftlab.compiled_blocks import run_eagerly
+from peftlab.batching import model_inputs
 from peftlab.metrics import classification_metrics
-from peftlab.packed_linear import packed_for_inference
-from peftlab.packed_tokens import packed_tokens
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+if TYPE_CHECKING:
+    from peftlab.speed.plan import SpeedPlan
 
 
 @dataclass
@@ -37,14 +30,12 @@ class Predictions:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, loader, accelerator) -> Predictions:
-    """Logits and per-example losses in row order, gathered across processes: every example once."""
+def predict(model: torch.nn.Module, loader, accelerator, plan: SpeedPlan) -> Predictions:
+    """Logits and per-example losses in row order, gathered across processes: every example once.
+    The run's speed plan gives the paths inference takes."""
     model.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []
-    packed = accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16"
-    with planless_attention(accelerator.device), run_eagerly(), \
-            packed_for_inference(model) if packed else nullcontext(), \
-            packed_tokens(accelerator.unwrap_model(model)):  # once, not per batch
+    with plan.inference(model, accelerator.device):
         for batch in loader:
             logits = model(**model_inputs(batch)).logits.float()
             losses = F.cross_entropy(logits, batch["labels"], reduction="none")
@@ -59,7 +50,7 @@ def predict(model: torch.nn.Module, loader, accelerator) -> Predictions:
     return Predictions(logits[first], labels[first], losses[first])
 
 
-def evaluate(model: torch.nn.Module, loader, accelerator, names: list[str]) -> dict[str, Any]:
-    predictions = predict(model, loader, accelerator)
+def evaluate(model: torch.nn.Module, loader, accelerator, names: list[str], plan: SpeedPlan) -> dict[str, Any]:
+    predictions = predict(model, loader, accelerator, plan)
     metrics = classification_metrics(predictions.labels, predictions.predicted, names)
     return {"eval_loss": float(predictions.losses.mean()), **metrics}

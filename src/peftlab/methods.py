@@ -14,27 +14,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from peftlab.config import FullMethod, HeadMethod, IA3Method, LoraMethod, LoraPlusMethod, PeftMethod
+from peftlab.errors import MethodError
+from peftlab.families import FAMILIES, family
+from peftlab.method_configs import FullMethod, HeadMethod, IA3Method, LoraMethod, LoraPlusMethod, PeftMethod
+from peftlab.peft_configs import peft_config_class
 
 HEAD_WEIGHTS = "head_model.safetensors"
-
-# Module-name patterns per architecture (model_type), matched against full module names.
-_BERT_FFN = r"\.(intermediate\.dense|layer\.\d+\.output\.dense)$"
-ARCHITECTURE_TARGETS: dict[str, dict[str, str]] = {
-    "distilbert": {"attention": r"\.attention\.(q_lin|k_lin|v_lin|out_lin)$", "feedforward": r"\.ffn\.(lin1|lin2)$"},
-    "bert": {"attention": r"\.attention\.(self\.(query|key|value)|output\.dense)$", "feedforward": _BERT_FFN},
-    "deberta-v2": {"attention": r"\.attention\.(self\.(query_proj|key_proj|value_proj)|output\.dense)$",
-                   "feedforward": _BERT_FFN},
-    "modernbert": {"attention": r"\.attn\.(Wqkv|Wo)$", "feedforward": r"\.mlp\.(Wi|Wo)$"},
-    "mpnet": {"attention": r"\.attn\.(q|k|v|o)$", "feedforward": _BERT_FFN},
-}
-for _alias in ("roberta", "xlm-roberta", "electra", "camembert"):
-    ARCHITECTURE_TARGETS[_alias] = ARCHITECTURE_TARGETS["bert"]
-
-
-class MethodError(ValueError):
-    """A method setting that does not fit the model (unknown target module, ...)."""
-
 
 # --------------------------------------------------------------------------- modules
 
@@ -66,10 +51,11 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     if targets == "all-linear":
         return linear
     model_type = model.config.model_type
-    if model_type not in ARCHITECTURE_TARGETS:
+    known = family(model_type)
+    if known is None:
         raise MethodError(f"method.targets={targets!r} is not known for model type {model_type!r}; "
-                          f"use all-linear or list module names ({', '.join(sorted(ARCHITECTURE_TARGETS))} are known)")
-    pattern = re.compile(ARCHITECTURE_TARGETS[model_type][targets])
+                          f"use all-linear or list module names ({', '.join(sorted(FAMILIES))} are known)")
+    pattern = re.compile(getattr(known, targets))
     return [name for name in linear if pattern.search(name)]
 
 
@@ -92,7 +78,7 @@ def _ia3_config(method: IA3Method, model: nn.Module):
     targets = resolve_targets(model, method.targets)
     if method.feedforward_targets is not None:
         feedforward = resolve_targets(model, method.feedforward_targets)
-    elif model.config.model_type in ARCHITECTURE_TARGETS:
+    elif family(model.config.model_type) is not None:
         ffn = set(resolve_targets(model, "feedforward"))
         feedforward = [t for t in targets if t in ffn]
     else:
@@ -102,31 +88,6 @@ def _ia3_config(method: IA3Method, model: nn.Module):
         raise MethodError(f"method.feedforward_targets {missing} must also be in method.targets")
     return IA3Config(task_type=TaskType.SEQ_CLS, target_modules=targets, feedforward_modules=feedforward,
                      modules_to_save=head_modules(model))
-
-
-def peft_config_class(name: str):
-    """A peft config class by class name (`VeraConfig`) or method name (`vera`)."""
-    import peft
-
-    candidates = {n: getattr(peft, n) for n in dir(peft) if n.endswith("Config")}
-    classes = {n: c for n, c in candidates.items()
-               if isinstance(c, type) and issubclass(c, peft.PeftConfig) and c is not peft.PeftConfig}
-    by_lower = {n.lower(): c for n, c in classes.items()} | {n[: -len("Config")].lower(): c for n, c in classes.items()}
-    found = classes.get(name) or by_lower.get(name.lower())
-    if found is None:
-        raise ValueError(f"peft has no config {name!r}; available: {', '.join(sorted(classes))}")
-    return found
-
-
-def check_peft_options(name: str, options: dict[str, Any]) -> None:
-    cls = peft_config_class(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ValueError(f"method.options {unknown} are not fields of {cls.__name__} "
-                         f"(fields: {', '.join(sorted(fields - {'peft_type', 'task_type'}))})")
-    if "task_type" in options:
-        raise ValueError("method.options.task_type is set by peftlab (sequence classification)")
 
 
 def _generic_peft_config(method: PeftMethod, model: nn.Module):
@@ -308,3 +269,12 @@ def load_trained(directory: Path, method, base_factory: Callable[[], nn.Module],
                 for f in (PeftModel.from_pretrained, PeftModel.load_adapter))
     extra = {"use_safetensors": True} if takes and not allow_pickle else {}
     return PeftModel.from_pretrained(base, str(directory), **extra)
+
+
+def load_run_model(run) -> torch.nn.Module:
+    """The saved classifier of a finished run, rebuilt on its base model."""
+    from peftlab.models import load_base
+
+    labels = dict(enumerate(run.labels))
+    return load_trained(run.model_dir, run.config.method, lambda: load_base(run.config.model, labels),
+                        allow_pickle=run.config.model.allow_pickle)

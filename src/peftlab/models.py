@@ -7,10 +7,7 @@ from torch import nn
 
 from peftlab.assets import resolve_model_name
 from peftlab.config import ModelConfig
-
-
-class ModelLoadError(OSError):
-    """A model that cannot (or may not) be loaded; the message says why and what to do."""
+from peftlab.errors import ModelLoadError
 
 
 def _quiet_transformers() -> None:
@@ -46,6 +43,18 @@ def load_classifier(name_or_path: str, labels: dict[int, str] | None = None, dty
         if "trust_remote_code" in text:
             raise ModelLoadError(f"model {name_or_path!r} needs remote code, which peftlab does not run") from None
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {text.splitlines()[0] if text else exc!r}") from None
+
+
+def model_type(name_or_path: str) -> str | None:
+    """The model's `model_type` from its config.json alone (no weights read); None where it cannot be
+    read: loading the model then says why."""
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    try:
+        return AutoConfig.from_pretrained(resolve_model_name(name_or_path)).model_type
+    except (OSError, ValueError):
+        return None
 
 
 def load_base(cfg: ModelConfig, labels: dict[int, str]) -> nn.Module:

@@ -13,16 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from peftlab.config import UNFINISHED_SUFFIX, OutputConfig, RunConfig, run_name_problem, validate_config
+from peftlab.config import UNFINISHED_SUFFIX, OutputConfig, RunConfig, run_name_problem
+from peftlab.config_loading import migrate_saved, validate_config
 from peftlab.durable import fsync_dir
+from peftlab.errors import RunError
 
 CONFIG, METRICS, SUMMARY, LABELS, MODEL = "config.yaml", "metrics.jsonl", "summary.json", "labels.json", "model"
 CHECKPOINTS = "checkpoints"
 INCOMPLETE = UNFINISHED_SUFFIX
-
-
-class RunError(RuntimeError):
-    """A run directory that is missing, unfinished or in the way."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -262,7 +260,8 @@ def load_run(path: Path | str) -> FinishedRun:
         raise RunError(f"run directory {path} does not exist")
     if not is_finished(path):
         raise RunError(f"{path} is not a finished run (no {SUMMARY}); it may have crashed or still be running")
-    config = validate_config(yaml.safe_load((path / CONFIG).read_text(encoding="utf-8")), origin=str(path / CONFIG))
+    config = validate_config(migrate_saved(yaml.safe_load((path / CONFIG).read_text(encoding="utf-8"))),
+                             origin=str(path / CONFIG))
     labels = json.loads((path / LABELS).read_text(encoding="utf-8"))["labels"]
     summary = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
     return FinishedRun(path, config, labels, summary)

@@ -1,0 +1,70 @@
+"""A trained classifier ready to predict: texts in, class probabilities out, batched by length."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from peftlab.config import SpeedConfig
+from peftlab.speed.plan import SpeedPlan, inference_plan
+
+
+def padded_inputs(tokenizer, ids: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Token ids padded into one batch: the model's input ids and attention mask on `device`."""
+    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+@dataclass
+class Classifier:
+    model: torch.nn.Module
+    tokenizer: Any
+    labels: list[str]
+    max_length: int
+    device: torch.device
+    plan: SpeedPlan | None = None
+    """The inference side of the run's speed plan on this device."""
+
+    def __post_init__(self) -> None:
+        if self.plan is None:
+            self.plan = inference_plan(SpeedConfig(), self.device, getattr(self.model.config, "model_type", None))
+
+    @classmethod
+    def from_run(cls, path: Path | str, device: str | None = None) -> "Classifier":
+        from peftlab.methods import load_run_model
+        from peftlab.models import load_tokenizer
+        from peftlab.runs import load_run
+
+        run = load_run(path)
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = load_run_model(run).to(target).eval()
+        plan = inference_plan(run.config.speed, target, model.config.model_type)
+        return cls(model, load_tokenizer(str(run.model_dir)), run.labels, run.config.model.max_length, target, plan)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids, truncated to max_length, as in training and evaluation."""
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+
+    @torch.inference_mode()
+    def probabilities(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Softmax over classes, one row per text in the given order. Texts are sorted by length so that
+        each batch pads little (the way evaluation batches)."""
+        ids = self.encode(texts)
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        with self.plan.inference(self.model, self.device):
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                logits = self.model(**padded_inputs(self.tokenizer, [ids[i] for i in rows], self.device)).logits
+                out[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return out
+
+    def label_rows(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
+        best = probabilities.argmax(axis=-1)
+        return [{"label": self.labels[b], "score": float(p[b]),
+                 "probabilities": {name: float(v) for name, v in zip(self.labels, p)}}
+                for b, p in zip(best, probabilities)]
