@@ -27,9 +27,11 @@ class LengthGroupedBatches:
 
     MEGABATCH = 50  # batches per sorted window: small enough to keep the order random
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, shuffle: bool, group_by_length: bool, seed: int = 0):
+    def __init__(self, lengths: np.ndarray, batch_size: int, shuffle: bool, group_by_length: bool, seed: int = 0,
+                 weights: np.ndarray | None = None):
         self.lengths, self.batch_size = lengths, batch_size
         self.shuffle, self.group_by_length, self.seed = shuffle, group_by_length, seed
+        self.weights = weights  # each example's chance to be drawn, with replacement (data.sampler: balanced)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -45,7 +47,7 @@ class LengthGroupedBatches:
             yield from (order[i : i + size].tolist() for i in range(0, n, size))
             return
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(n)
+        order = rng.permutation(n) if self.weights is None else rng.choice(n, size=n, replace=True, p=self.weights)
         if not self.group_by_length:
             yield from (order[i : i + size].tolist() for i in range(0, n, size))
             return
@@ -109,9 +111,18 @@ def set_sampler_epoch(loader, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
+def balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """Each example's chance to be drawn so that every class is drawn equally often."""
+    counts = np.bincount(labels)
+    weights = 1.0 / counts[labels]
+    return weights / weights.sum()
+
+
 def make_loader(encoded: Encoded, batch_size: int, shuffle: bool, group_by_length: bool, seed: int,
-                pad_id: int, pad_to_multiple_of: int = 1, max_width: int | None = None) -> torch.utils.data.DataLoader:
-    sampler = LengthGroupedBatches(encoded.lengths, batch_size, shuffle, group_by_length, seed)
+                pad_id: int, pad_to_multiple_of: int = 1, max_width: int | None = None,
+                balanced: bool = False) -> torch.utils.data.DataLoader:
+    weights = balanced_weights(encoded.labels) if balanced and shuffle else None
+    sampler = LengthGroupedBatches(encoded.lengths, batch_size, shuffle, group_by_length, seed, weights)
     # Pinned batches go to a GPU without the host waiting for the copy (accelerate sends them with
     # non_blocking, see make_accelerator), so it can prepare the next step meanwhile.
     return torch.utils.data.DataLoader(EncodedDataset(encoded), batch_sampler=sampler,

@@ -71,6 +71,9 @@ class DataConfig(Strict):
     """Stratified, seeded subsample of the evaluation rows."""
     seed: int = 42
     """Seed of subsampling and held-out splits (kept apart from `train.seed`, so seeds vary only training)."""
+    sampler: Literal["random", "balanced"] = "random"
+    """Training order: `random` (each example once an epoch) or `balanced` (examples drawn with
+    replacement, each class equally often: the rare classes over-sampled); an epoch keeps its length."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -172,7 +175,8 @@ SPEED_SWITCHES = tuple(name for name in SpeedConfig.model_fields if name != "all
 
 DEFAULT_WARMUP_RATIO = 0.06  # as in the recipes of docs/recipes.md (and RoBERTa's fine-tuning)
 
-METRICS = ("accuracy", "f1", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "eval_loss")
+METRICS = ("accuracy", "f1", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "balanced_accuracy",
+           "mcc", "roc_auc", "pr_auc", "eval_loss")
 
 
 class TrainConfig(Strict):
@@ -212,7 +216,16 @@ class TrainConfig(Strict):
     log_every_steps: int = Field(10, ge=1)
     """Log the training loss, learning rate and throughput every N optimizer steps."""
     best_metric: Literal[METRICS] = "f1_macro"  # type: ignore[valid-type]
-    """The saved model is the checkpoint best by this metric."""
+    """The saved model is the checkpoint best by this metric (`roc_auc` and `pr_auc`: two classes only)."""
+    class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
+    """Weights of the classes in the training loss: `balanced` weighs each class by n / (classes x its
+    count) (scikit-learn's rule), a mapping `{label: weight}` sets them (unnamed labels weigh 1); for a
+    rare class that matters. The evaluation loss stays unweighted."""
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    """`focal`: the focal loss, cross-entropy scaled by (1 - p)^focal_gamma, so that examples the model
+    already gets right weigh less (with class_weights as its alpha)."""
+    focal_gamma: float = Field(2.0, ge=0)
+    """The focal loss's focusing exponent (0 gives cross-entropy)."""
     early_stopping_patience: int | None = Field(None, ge=1)
     """Stop after this many evaluations without improvement of `best_metric`."""
     group_by_length: bool = True

@@ -52,5 +52,7 @@ def predict(model: torch.nn.Module, loader, accelerator, plan: SpeedPlan) -> Pre
 
 def evaluate(model: torch.nn.Module, loader, accelerator, names: list[str], plan: SpeedPlan) -> dict[str, Any]:
     predictions = predict(model, loader, accelerator, plan)
-    metrics = classification_metrics(predictions.labels, predictions.predicted, names)
+    logits = predictions.logits - predictions.logits.max(axis=-1, keepdims=True)
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+    metrics = classification_metrics(predictions.labels, predictions.predicted, names, probabilities)
     return {"eval_loss": float(predictions.losses.mean()), **metrics}

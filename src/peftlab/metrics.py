@@ -2,19 +2,43 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
 LOWER_IS_BETTER = {"eval_loss"}
+# Scored from the positive class's probability: defined for two classes only.
+BINARY_ONLY = {"roc_auc", "pr_auc"}
 
 
-def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: list[str]) -> dict[str, Any]:
-    """Accuracy, F1 (binary for two classes, macro, weighted), precision, recall, report, confusion."""
-    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support
+def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: list[str],
+                           probabilities: np.ndarray | None = None) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, Matthews correlation, F1 (binary for two classes, macro,
+    weighted), precision, recall, report, confusion; for two classes with `probabilities`, also the
+    areas under the ROC and the precision-recall curve (what a rare positive class is judged by)."""
+    from sklearn.metrics import (
+        accuracy_score,
+        average_precision_score,
+        balanced_accuracy_score,
+        classification_report,
+        confusion_matrix,
+        matthews_corrcoef,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     ids = list(range(len(names)))
     metrics: dict[str, Any] = {"accuracy": float(accuracy_score(labels, predictions))}
+    with warnings.catch_warnings():  # one class only in the eval split: scikit-learn warns, the score is defined
+        warnings.simplefilter("ignore", UserWarning)
+        metrics["balanced_accuracy"] = float(balanced_accuracy_score(labels, predictions))
+        metrics["mcc"] = float(matthews_corrcoef(labels, predictions))
+    if len(names) == 2 and probabilities is not None:
+        both = len(np.unique(labels)) == 2  # the areas need both classes among the labels
+        positive = probabilities[:, 1]
+        metrics["roc_auc"] = float(roc_auc_score(labels, positive)) if both else float("nan")
+        metrics["pr_auc"] = float(average_precision_score(labels, positive)) if both else float("nan")
     for average in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(labels, predictions, labels=ids, average=average, zero_division=0)
         metrics |= {f"precision_{average}": float(p), f"recall_{average}": float(r), f"f1_{average}": float(f)}

@@ -34,8 +34,10 @@ class GraphedStep:
     in place for the loop to zero. The gradient tensors stay allocated between steps, because the
     graphs add into them."""
 
-    def __init__(self, model, optimizer, accelerator, params: list[torch.Tensor], warm_every_shape: bool = False) -> None:
+    def __init__(self, model, optimizer, accelerator, params: list[torch.Tensor], warm_every_shape: bool = False,
+                 loss_function=None) -> None:
         self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
+        self.loss_function = loss_function  # (logits, labels) -> loss, where not the model's own
         self.params = params
         self.warm_every_shape = warm_every_shape  # compiled blocks may compile for a new shape: never while recording
         self.recorded: dict[tuple, _Recorded] = {}
@@ -62,7 +64,11 @@ class GraphedStep:
         self.optimizer.zero_grad(set_to_none=False)
 
     def _passes(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = self.model(**inputs).loss
+        if self.loss_function is None:
+            loss = self.model(**inputs).loss
+        else:
+            logits = self.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            loss = self.loss_function(logits, inputs["labels"])
         self.accelerator.backward(loss)
         return loss.detach()
 

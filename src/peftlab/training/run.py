@@ -35,6 +35,7 @@ from peftlab.training.checkpoints import abandon_after, save_checkpoint
 from peftlab.training.console import announce, run_summary, say
 from peftlab.training.identity import check_identity, run_identity
 from peftlab.training.loop import Hooks, Parts, Progress, fit
+from peftlab.training.losses import check_against_labels, training_loss
 from peftlab.training.resume import (
     StopOnSignal,
     TrainingInterrupted,
@@ -86,6 +87,7 @@ def _train(config: RunConfig, resume: str | Path | None, after_eval: Callable[[d
     with accelerator.main_process_first():  # the others read the tokens it caches
         data = prepare_data(config)
     names = data.splits.labels.names
+    check_against_labels(config.train, names)
     # Hashing the base weights reads them all: only for a run that checkpoints or resumes.
     identity = functools.cache(lambda: run_identity(config, data))
     if run and checkpoint:
@@ -163,7 +165,7 @@ def _training_parts(config: RunConfig, data, model, accelerator, plan: SpeedPlan
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, group_by_length=cfg.group_by_length,
                                seed=cfg.seed, pad_id=data.tokenizer.pad_token_id,
                                pad_to_multiple_of=GRAPH_LENGTH_STEP if plan.cuda_graphs else pad_multiple,
-                               max_width=config.model.max_length)
+                               max_width=config.model.max_length, balanced=config.data.sampler == "balanced")
     # The fused kernel updates all tensors in one pass, and takes folded clipping's scale.
     optimizer = torch.optim.AdamW(parameter_groups(model, config.method, cfg.lr, cfg.weight_decay), lr=cfg.lr,
                                   fused=True)
@@ -176,9 +178,10 @@ def _training_parts(config: RunConfig, data, model, accelerator, plan: SpeedPlan
     scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    step = (GraphedStep(model, optimizer, accelerator, params, warm_every_shape=plan.compile) if plan.cuda_graphs
-            else EagerStep(model, optimizer, accelerator))
     names = data.splits.labels.names
+    loss = training_loss(cfg, names, data.train.labels)
+    step = (GraphedStep(model, optimizer, accelerator, params, warm_every_shape=plan.compile, loss_function=loss)
+            if plan.cuda_graphs else EagerStep(model, optimizer, accelerator, loss))
     return Parts(model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
                  evaluation_loader=eval_loader, accelerator=accelerator, training_step=step,
                  evaluate=lambda: evaluate(model, eval_loader, accelerator, names, plan),
