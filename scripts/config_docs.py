@@ -26,7 +26,14 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined, to_jsonable_python
 
-from peftlab.config import DataConfig, ModelConfig, OutputConfig, RunConfig, SpeedConfig, TrainConfig
+from peftlab.config import (
+    DataConfig,
+    ModelConfig,
+    OutputConfig,
+    RunConfig,
+    SpeedConfig,
+    TrainConfig,
+)
 from peftlab.method_configs import DEFAULT_LR, METHOD_CLASSES
 from peftlab.serving.settings import ServeSettings
 

@@ -7,7 +7,8 @@ from conftest import build_tokenizer, toy_rows
 
 from peftlab.batching import LengthGroupedBatches, make_loader
 from peftlab.config import DataConfig
-from peftlab.data import DataError, prepare_splits, stratified_sample
+from peftlab.data import DataError
+from peftlab.splits import prepare_splits, stratified_sample
 from peftlab.tokens import encode
 
 

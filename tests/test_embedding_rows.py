@@ -11,7 +11,12 @@ from peftlab.config_loading import validate_config
 from peftlab.errors import TrainingSetupError
 from peftlab.methods import apply_method, parameter_groups
 from peftlab.models import load_classifier
-from peftlab.speed.embedding_rows import SeenRowsEmbedding, follow_optimizer, full_weights, train_seen_rows_only
+from peftlab.speed.embedding_rows import (
+    SeenRowsEmbedding,
+    follow_optimizer,
+    full_weights,
+    train_seen_rows_only,
+)
 from peftlab.speed.plan import Setting, resolve
 from peftlab.training.run import train
 

@@ -64,7 +64,11 @@ def test_balanced_sampling_draws_every_class_alike_reproducibly_and_keeps_the_ep
 
 
 def test_binary_metrics_add_the_areas_balanced_accuracy_and_matthews_correlation():
-    from sklearn.metrics import average_precision_score, matthews_corrcoef, roc_auc_score
+    from sklearn.metrics import (
+        average_precision_score,
+        matthews_corrcoef,
+        roc_auc_score,
+    )
 
     labels = np.array([0, 0, 0, 0, 1, 1])
     probabilities = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.7, 0.3], [0.3, 0.7], [0.6, 0.4]])

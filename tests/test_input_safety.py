@@ -11,8 +11,9 @@ import pytest
 from conftest import build_tokenizer, toy_rows
 
 from peftlab.config import DataConfig
-from peftlab.data import Columns, DataError, _table_from_frame, prepare_splits, read_file
+from peftlab.data import Columns, DataError, _table_from_frame, read_file
 from peftlab.serving.predict import read_texts
+from peftlab.splits import prepare_splits
 from peftlab.tokens import encode
 
 SEPARATORS = ["\u2028", "\u2029", "\u0085"]  # line breaks to str.splitlines(), plain characters to JSON

@@ -17,7 +17,12 @@ from peftlab.errors import TrainingSetupError
 from peftlab.methods import apply_method, store_frozen_linears_in
 from peftlab.models import load_classifier
 from peftlab.speed import process_settings
-from peftlab.speed.fast_dropout import ATTENTION, FastDropout, keep_mask, use_fast_dropout
+from peftlab.speed.fast_dropout import (
+    ATTENTION,
+    FastDropout,
+    keep_mask,
+    use_fast_dropout,
+)
 from peftlab.speed.folded_clipping import gradient_clipper
 from peftlab.speed.packed_linear import (
     PackedFrozenLinear,

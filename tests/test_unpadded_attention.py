@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from peftlab.errors import TrainingSetupError
 from peftlab.models import load_classifier
 from peftlab.runs import load_run
-from peftlab.speed.unpadded_attention import ATTENTION, segment_bounds, unpadded_attention, use_unpadded_attention
+from peftlab.speed.unpadded_attention import (
+    ATTENTION,
+    segment_bounds,
+    unpadded_attention,
+    use_unpadded_attention,
+)
 from peftlab.training.run import train
 
 needs_flash = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),

@@ -12,6 +12,8 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from peftlab.method_configs import DEFAULT_LR, LoraMethod, MethodConfig
+from peftlab.tasks import ALL_METRICS, DEFAULT_BEST_METRIC
+from peftlab.tasks import METRICS as TASK_METRICS
 from peftlab.typed_config import Strict
 
 # --------------------------------------------------------------------------- model
@@ -61,6 +63,11 @@ class DataConfig(Strict):
     """Second text of a pair (e.g. NLI hypothesis)."""
     label_column: str | None = None
     """Defaults to the source's own label column (`label` for files)."""
+    task: Literal["single_label", "multi_label", "regression"] = "single_label"
+    """What a label is: one class per text; `multi_label`: any number of classes per text (a list, or
+    names joined by `label_separator`; none is allowed); `regression`: a number per text."""
+    label_separator: str = ","
+    """Multi-label cells given as text (csv, tsv): the character that separates a text's labels."""
     labels: list[str] | None = None
     """Fixed label order; by default the sorted labels seen in training."""
     encoding: str = "utf-8"
@@ -175,8 +182,7 @@ SPEED_SWITCHES = tuple(name for name in SpeedConfig.model_fields if name != "all
 
 DEFAULT_WARMUP_RATIO = 0.06  # as in the recipes of docs/recipes.md (and RoBERTa's fine-tuning)
 
-METRICS = ("accuracy", "f1", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "balanced_accuracy",
-           "mcc", "roc_auc", "pr_auc", "eval_loss")
+METRICS = TASK_METRICS["single_label"]  # of the default task; each task's own: tasks.METRICS
 
 
 class TrainConfig(Strict):
@@ -215,8 +221,10 @@ class TrainConfig(Strict):
     """Also evaluate every N optimizer steps (always after each epoch)."""
     log_every_steps: int = Field(10, ge=1)
     """Log the training loss, learning rate and throughput every N optimizer steps."""
-    best_metric: Literal[METRICS] = "f1_macro"  # type: ignore[valid-type]
-    """The saved model is the checkpoint best by this metric (`roc_auc` and `pr_auc`: two classes only)."""
+    best_metric: Literal[ALL_METRICS] | None = None  # type: ignore[valid-type]
+    """The saved model is the checkpoint best by this metric; default the task's own (`f1_macro`,
+    multi-label `f1_micro`, regression `pearson`). Metrics per task: docs/tasks.md (`roc_auc` and
+    `pr_auc`: two classes only)."""
     class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
     """Weights of the classes in the training loss: `balanced` weighs each class by n / (classes x its
     count) (scikit-learn's rule), a mapping `{label: weight}` sets them (unnamed labels weigh 1); for a
@@ -308,6 +316,21 @@ class RunConfig(Strict):
     def _method_learning_rate(self) -> "RunConfig":
         if self.train.lr is None:
             self.train.lr = DEFAULT_LR[self.method.kind]
+        return self
+
+    @model_validator(mode="after")
+    def _task_settings(self) -> "RunConfig":
+        task, train = self.data.task, self.train
+        if train.best_metric is None:
+            train.best_metric = DEFAULT_BEST_METRIC[task]
+        if train.best_metric not in TASK_METRICS[task]:
+            raise ValueError(f"train.best_metric={train.best_metric} is not a metric of data.task={task} "
+                             f"(its metrics: {', '.join(TASK_METRICS[task])})")
+        if task == "regression" and (train.class_weights != "none" or train.loss != "cross_entropy"):
+            raise ValueError("train.class_weights and train.loss=focal weigh classes; data.task=regression has none")
+        if task != "single_label" and self.data.sampler == "balanced":
+            raise ValueError(f"data.sampler=balanced draws each class alike; it needs data.task=single_label, "
+                             f"not {task}")
         return self
 
     def to_yaml(self) -> str:

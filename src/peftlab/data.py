@@ -7,7 +7,7 @@ import csv
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,6 +17,7 @@ import pandas as pd
 from peftlab.assets import DATASET_ALIASES
 from peftlab.config import DataConfig
 from peftlab.errors import DataError
+from peftlab.tasks import parse_multi_label, parse_number
 
 # --------------------------------------------------------------------------- raw tables
 
@@ -50,6 +51,8 @@ class Columns:
     pair: str | None
     label: str
     encoding: str
+    task: str = "single_label"
+    separator: str = ","
 
 
 def reading_encoding(encoding: str, option: str = "data.encoding") -> str:
@@ -165,7 +168,7 @@ def _table_from_frame(frame: pd.DataFrame, columns: Columns, origin: str,
     labels = frame[columns.label].tolist()
     if label_names is not None:  # hub ClassLabel: integers that stand for names
         labels = [_class_label_name(v, label_names, origin, columns.label, row) for v, row in zip(labels, rows)]
-    labels = [_checked_label(v, origin, columns.label, row) for v, row in zip(labels, rows)]
+    labels = [_checked_label(v, origin, columns, row) for v, row in zip(labels, rows)]
     return Table(origin=origin, texts=texts, pairs=pairs, labels=labels, rows=rows)
 
 
@@ -198,8 +201,20 @@ def _checked_texts(values: list[Any], origin: str, column: str, rows: np.ndarray
 _CLASS_ID = re.compile(r"0|[1-9][0-9]*")
 
 
-def _checked_label(value: Any, origin: str, column: str, row: int) -> str | int:
-    where = f"{origin}: row {row}, column {column!r}"
+def _checked_label(value: Any, origin: str, columns: Columns, row: int) -> Any:
+    """A label cell as the task reads it: a class name (or id), a list of names, or a number."""
+    where = f"{origin}: row {row}, column {columns.label!r}"
+    try:
+        if columns.task == "multi_label":
+            return parse_multi_label(value, columns.separator, where)
+        if columns.task == "regression":
+            return parse_number(value, where)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    return _checked_class(value, where)
+
+
+def _checked_class(value: Any, where: str) -> str | int:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise DataError(f"{where}: label is missing")
     if isinstance(value, (bool, np.bool_)):
@@ -225,10 +240,11 @@ def load_tables(cfg: DataConfig) -> tuple[Table, Table | None]:
     if cfg.source in DATASET_ALIASES:
         alias = DATASET_ALIASES[cfg.source]()
         columns = Columns(cfg.text_column or alias.text_column, cfg.text_pair_column,
-                          cfg.label_column or alias.label_column, alias.encoding)
+                          cfg.label_column or alias.label_column, alias.encoding, cfg.task, cfg.label_separator)
         frame = read_file(alias.path, columns.encoding)
         return _table_from_frame(frame, columns, f"{alias.path} (data.source={cfg.source})"), None
-    columns = Columns(cfg.text_column or "text", cfg.text_pair_column, cfg.label_column or "label", cfg.encoding)
+    columns = Columns(cfg.text_column or "text", cfg.text_pair_column, cfg.label_column or "label", cfg.encoding,
+                      cfg.task, cfg.label_separator)
     if cfg.source is not None:
         return _load_hub(cfg, columns)
     train = _table_from_frame(read_file(cfg.train_file, columns.encoding), columns, str(cfg.train_file))
@@ -249,114 +265,3 @@ def _load_hub(cfg: DataConfig, columns: Columns) -> tuple[Table, Table | None]:
         return _table_from_frame(ds.to_pandas(), columns, f"hub dataset {cfg.source} split {name}", names)
 
     return split(cfg.train_split), split(cfg.eval_split) if cfg.eval_split else None
-
-
-# --------------------------------------------------------------------------- labels and splits
-
-
-@dataclass(frozen=True)
-class Labels:
-    names: list[str]
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: i for i, name in enumerate(self.names)}
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.names))
-
-    def encode(self, table: Table, role: str) -> np.ndarray:
-        """Label ids; a label outside the set names its row."""
-        mapping = self.label2id
-        ids = np.empty(len(table), dtype=np.int64)
-        for i, (value, row) in enumerate(zip(table.labels, table.rows)):
-            key = str(value)
-            if key not in mapping:
-                seen = "never seen in training" if role == "eval" else "not in data.labels"
-                raise DataError(
-                    f"{table.origin}: row {row}: label {value!r} is {seen} "
-                    f"(known labels: {', '.join(self.names)})"
-                )
-            ids[i] = mapping[key]
-        return ids
-
-
-def derive_labels(train: Table, fixed: list[str] | None) -> Labels:
-    if fixed is not None:
-        if len(set(fixed)) != len(fixed):
-            raise DataError(f"data.labels has duplicates: {fixed}")
-        return Labels(list(fixed))
-    values = set(train.labels)
-    if all(isinstance(v, int) for v in values):
-        return Labels([str(v) for v in sorted(values)])
-    return Labels(sorted(str(v) for v in values))
-
-
-def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices of a seeded sample of size n whose class shares follow the population's."""
-    if n >= len(labels):
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    quotas = counts * n / len(labels)
-    take = np.floor(quotas).astype(int)
-    # Largest remainders get the leftover places, so the total is exactly n.
-    for i in np.argsort(-(quotas - take), kind="stable")[: n - take.sum()]:
-        take[i] += 1
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
-    return np.sort(np.concatenate(chosen))
-
-
-@dataclass
-class Splits:
-    train: Table
-    eval: Table
-    labels: Labels
-    train_ids: np.ndarray
-    eval_ids: np.ndarray
-    notes: dict[str, Any] = field(default_factory=dict)
-
-
-def prepare_splits(cfg: DataConfig) -> Splits:
-    """Load, validate, hold out, subsample; every bad row is reported before any training."""
-    train, evaluation = load_tables(cfg)
-    labels = derive_labels(train, cfg.labels)
-    train_ids = labels.encode(train, "train")
-    if evaluation is None:
-        held_out = stratified_sample(train_ids, max(1, round(len(train) * cfg.eval_fraction)), cfg.seed)
-        kept = np.setdiff1d(np.arange(len(train)), held_out)
-        train, evaluation = train.take(kept), train.take(held_out)
-        train_ids = train_ids[kept]
-    eval_ids = labels.encode(evaluation, "eval")
-    if cfg.n_train is not None:
-        chosen = stratified_sample(train_ids, cfg.n_train, cfg.seed)
-        train, train_ids = train.take(chosen), train_ids[chosen]
-    if cfg.n_eval is not None:
-        chosen = stratified_sample(eval_ids, cfg.n_eval, cfg.seed + 1)
-        evaluation, eval_ids = evaluation.take(chosen), eval_ids[chosen]
-    counts = np.bincount(train_ids, minlength=len(labels.names))
-    empty = [labels.names[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
-        raise DataError(
-            f"{train.origin}: class(es) {', '.join(map(repr, empty))} have no training examples"
-            + (f" after subsampling to data.n_train={cfg.n_train}" if cfg.n_train else "")
-        )
-    if len(labels.names) < 2:
-        raise DataError(f"{train.origin}: only one class ({labels.names[0]!r}); need at least two")
-    return Splits(train, evaluation, labels, train_ids, eval_ids, notes=_data_notes(train, evaluation, train_ids))
-
-
-def _data_notes(train: Table, evaluation: Table, train_ids: np.ndarray) -> dict[str, Any]:
-    """Duplicates and leaks worth a warning, not an error."""
-    first_label: dict[str, int] = {}
-    duplicates = conflicts = 0
-    for text, label in zip(train.texts, train_ids):
-        if text in first_label:
-            duplicates += 1
-            conflicts += int(first_label[text] != label)
-        else:
-            first_label[text] = int(label)
-    overlap = sum(text in first_label for text in evaluation.texts)
-    return {"duplicate_train_texts": duplicates, "conflicting_train_labels": conflicts,
-            "eval_texts_also_in_train": overlap}

@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from peftlab.batching import model_inputs
-from peftlab.metrics import classification_metrics
+from peftlab.tasks import per_example_loss, score
 
 if TYPE_CHECKING:
     from peftlab.speed.plan import SpeedPlan
@@ -30,7 +29,7 @@ class Predictions:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, loader, accelerator, plan: SpeedPlan) -> Predictions:
+def predict(model: torch.nn.Module, loader, accelerator, plan: SpeedPlan, task: str = "single_label") -> Predictions:
     """Logits and per-example losses in row order, gathered across processes: every example once.
     The run's speed plan gives the paths inference takes."""
     model.eval()
@@ -38,7 +37,7 @@ def predict(model: torch.nn.Module, loader, accelerator, plan: SpeedPlan) -> Pre
     with plan.inference(model, accelerator.device):
         for batch in loader:
             logits = model(**model_inputs(batch)).logits.float()
-            losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+            losses = per_example_loss(task, logits, batch["labels"])
             chunks.append(accelerator.gather_for_metrics((logits, batch["labels"], losses, batch["index"])))
     logits, labels, losses, index = (torch.cat([c[i] for c in chunks]).cpu().numpy() for i in range(4))
     # Batches come sorted by length: back to row order. Processes pad the last round of batches
@@ -50,9 +49,8 @@ def predict(model: torch.nn.Module, loader, accelerator, plan: SpeedPlan) -> Pre
     return Predictions(logits[first], labels[first], losses[first])
 
 
-def evaluate(model: torch.nn.Module, loader, accelerator, names: list[str], plan: SpeedPlan) -> dict[str, Any]:
-    predictions = predict(model, loader, accelerator, plan)
-    logits = predictions.logits - predictions.logits.max(axis=-1, keepdims=True)
-    probabilities = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
-    metrics = classification_metrics(predictions.labels, predictions.predicted, names, probabilities)
+def evaluate(model: torch.nn.Module, loader, accelerator, names: list[str], plan: SpeedPlan,
+             task: str = "single_label") -> dict[str, Any]:
+    predictions = predict(model, loader, accelerator, plan, task)
+    metrics = score(task, predictions.labels, predictions.logits, names)
     return {"eval_loss": float(predictions.losses.mean()), **metrics}

@@ -16,7 +16,14 @@ from torch import nn
 
 from peftlab.errors import MethodError
 from peftlab.families import FAMILIES, family
-from peftlab.method_configs import FullMethod, HeadMethod, IA3Method, LoraMethod, LoraPlusMethod, PeftMethod
+from peftlab.method_configs import (
+    FullMethod,
+    HeadMethod,
+    IA3Method,
+    LoraMethod,
+    LoraPlusMethod,
+    PeftMethod,
+)
 from peftlab.peft_configs import peft_config_class
 
 HEAD_WEIGHTS = "head_model.safetensors"
@@ -276,5 +283,6 @@ def load_run_model(run) -> torch.nn.Module:
     from peftlab.models import load_base
 
     labels = dict(enumerate(run.labels))
-    return load_trained(run.model_dir, run.config.method, lambda: load_base(run.config.model, labels),
+    return load_trained(run.model_dir, run.config.method,
+                        lambda: load_base(run.config.model, labels, run.config.data.task),
                         allow_pickle=run.config.model.allow_pickle)

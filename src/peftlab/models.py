@@ -8,6 +8,7 @@ from torch import nn
 from peftlab.assets import resolve_model_name
 from peftlab.config import ModelConfig
 from peftlab.errors import ModelLoadError
+from peftlab.tasks import PROBLEM_TYPES
 
 
 def _quiet_transformers() -> None:
@@ -22,7 +23,7 @@ def _quiet_transformers() -> None:
 
 
 def load_classifier(name_or_path: str, labels: dict[int, str] | None = None, dtype: str = "float32",
-                    allow_pickle: bool = False) -> nn.Module:
+                    allow_pickle: bool = False, task: str | None = None) -> nn.Module:
     """A sequence classifier; with `labels`, a fresh head of that size and the label names."""
     from transformers import AutoModelForSequenceClassification
 
@@ -31,6 +32,8 @@ def load_classifier(name_or_path: str, labels: dict[int, str] | None = None, dty
     if labels is not None:
         kwargs |= {"num_labels": len(labels), "id2label": dict(labels),
                    "label2id": {v: k for k, v in labels.items()}}
+    if task is not None:  # the head's loss and what its outputs mean, saved in config.json
+        kwargs["problem_type"] = PROBLEM_TYPES[task]
     try:
         return AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
@@ -57,8 +60,8 @@ def model_type(name_or_path: str) -> str | None:
         return None
 
 
-def load_base(cfg: ModelConfig, labels: dict[int, str]) -> nn.Module:
-    return load_classifier(resolve_model_name(cfg.name), labels, cfg.dtype, cfg.allow_pickle)
+def load_base(cfg: ModelConfig, labels: dict[int, str], task: str = "single_label") -> nn.Module:
+    return load_classifier(resolve_model_name(cfg.name), labels, cfg.dtype, cfg.allow_pickle, task)
 
 
 def load_tokenizer(name_or_path: str):

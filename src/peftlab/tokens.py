@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from peftlab.config import RunConfig
-from peftlab.data import Splits, Table, prepare_splits
+from peftlab.data import Table
 from peftlab.durable import fsync_dir
 from peftlab.models import load_tokenizer
+from peftlab.splits import Splits, prepare_splits
 
 
 @dataclass
@@ -125,12 +126,21 @@ class RunData:
     eval: Encoded
 
     def summary(self) -> dict[str, Any]:
-        names = self.splits.labels.names
-        return {"n_train": len(self.train), "n_eval": len(self.eval),
-                "train_class_counts": dict(zip(names, np.bincount(self.train.labels, minlength=len(names)).tolist())),
-                "eval_class_counts": dict(zip(names, np.bincount(self.eval.labels, minlength=len(names)).tolist())),
+        labels = self.splits.labels
+        return {"n_train": len(self.train), "n_eval": len(self.eval), "task": labels.task,
+                "train_class_counts": label_counts(labels, self.train.labels),
+                "eval_class_counts": label_counts(labels, self.eval.labels),
                 "truncated_train": self.train.truncated, "truncated_eval": self.eval.truncated,
                 "mean_train_tokens": float(self.train.lengths.mean()), **self.splits.notes}
+
+
+def label_counts(labels, encoded: np.ndarray) -> dict[str, Any]:
+    """Texts per class (multi-label: texts carrying each label); for regression the targets' spread."""
+    if labels.task == "regression":
+        return {"mean": float(encoded.mean()), "std": float(encoded.std()), "min": float(encoded.min()),
+                "max": float(encoded.max())}
+    counts = encoded.sum(axis=0) if labels.task == "multi_label" else np.bincount(encoded, minlength=len(labels.names))
+    return dict(zip(labels.names, np.asarray(counts, dtype=np.int64).tolist()))
 
 
 def prepare_data(config: RunConfig) -> RunData:

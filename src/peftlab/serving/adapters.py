@@ -77,6 +77,7 @@ class ServedModel:
         for name, path in specs:
             _check_name(name, runs)
             run = load_run(path)
+            _check_single_label(run)
             if run.config.method.kind in ("full", "head"):
                 raise ServeError(f"adapter {name!r}: {path} is a {run.config.method.kind} run with no adapter; "
                                  "serve it alone with --model")
@@ -129,6 +130,7 @@ class ServedModel:
             labels, length = run.labels, run.config.model.max_length
             kind, base = run.config.method.kind, run.config.model.name
             speed = run.config.speed
+            _check_single_label(run)
         elif (path / "config.json").is_file():
             model, tokenizer = load_classifier(str(path)), load_tokenizer(str(path))
             labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -194,6 +196,13 @@ class ServedModel:
                 "adapters": {a.name: {"labels": a.labels, "max_length": a.max_length, "method": a.method,
                                       "run": Path(a.source).name, "mixed_batches": a.mixable}
                              for a in self.adapters.values()}}
+
+
+def _check_single_label(run) -> None:
+    """The server answers with a label and its probabilities; other tasks are answered by `peftlab predict`."""
+    if run.config.data.task != "single_label":
+        raise ServeError(f"{run.path} is a {run.config.data.task} run; peftlab serve answers single-label runs "
+                         "(use peftlab predict for it)")
 
 
 def _check_name(name: str, taken: dict) -> None:

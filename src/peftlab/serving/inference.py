@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from peftlab import tasks
 from peftlab.config import SpeedConfig
 from peftlab.speed.plan import SpeedPlan, inference_plan
 
@@ -28,6 +29,8 @@ class Classifier:
     device: torch.device
     plan: SpeedPlan | None = None
     """The inference side of the run's speed plan on this device."""
+    task: str = "single_label"
+    """The run's `data.task`: what its outputs mean (tasks.py)."""
 
     def __post_init__(self) -> None:
         if self.plan is None:
@@ -43,7 +46,8 @@ class Classifier:
         target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_run_model(run).to(target).eval()
         plan = inference_plan(run.config.speed, target, model.config.model_type)
-        return cls(model, load_tokenizer(str(run.model_dir)), run.labels, run.config.model.max_length, target, plan)
+        return cls(model, load_tokenizer(str(run.model_dir)), run.labels, run.config.model.max_length, target, plan,
+                   run.config.data.task)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids, truncated to max_length, as in training and evaluation."""
@@ -51,20 +55,19 @@ class Classifier:
 
     @torch.inference_mode()
     def probabilities(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Softmax over classes, one row per text in the given order. Texts are sorted by length so that
-        each batch pads little (the way evaluation batches)."""
+        """What the model says of each text, in the given order: class probabilities (a softmax; for
+        multi-label a sigmoid per class), or for regression the value. Texts are sorted by length so
+        that each batch pads little (the way evaluation batches)."""
         ids = self.encode(texts)
         order = np.argsort([-len(x) for x in ids], kind="stable")
-        out = np.empty((len(texts), len(self.labels)), dtype=np.float32)
+        logits = np.empty((len(texts), len(self.labels)), dtype=np.float32)
         with self.plan.inference(self.model, self.device):
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                logits = self.model(**padded_inputs(self.tokenizer, [ids[i] for i in rows], self.device)).logits
-                out[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-        return out
+                batch = padded_inputs(self.tokenizer, [ids[i] for i in rows], self.device)
+                logits[rows] = self.model(**batch).logits.float().cpu().numpy()
+        return tasks.outputs(self.task, logits)
 
     def label_rows(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
-        best = probabilities.argmax(axis=-1)
-        return [{"label": self.labels[b], "score": float(p[b]),
-                 "probabilities": {name: float(v) for name, v in zip(self.labels, p)}}
-                for b, p in zip(best, probabilities)]
+        """One answer per text (tasks.answer): label and probabilities; labels above the threshold; or the value."""
+        return tasks.answer(self.task, probabilities, self.labels)

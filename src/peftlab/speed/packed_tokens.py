@@ -30,7 +30,12 @@ import torch
 from torch import nn
 
 from peftlab.speed import compat, fast_dropout
-from peftlab.speed.attention import base_encoder, encoder_layers, give_attention, padding_mask_only
+from peftlab.speed.attention import (
+    base_encoder,
+    encoder_layers,
+    give_attention,
+    padding_mask_only,
+)
 from peftlab.speed.first_token import first_token_only, is_first_token_only
 
 ATTENTION = "peftlab_packed_tokens"

@@ -10,7 +10,11 @@ import numpy as np
 from peftlab.studies.results import Configuration, ResultSet, RunResult
 
 _NAMES = {"f1_macro": "macro F1", "f1": "F1", "accuracy": "accuracy", "eval_loss": "eval loss",
-          "f1_weighted": "weighted F1", "precision_macro": "macro precision", "recall_macro": "macro recall"}
+          "f1_weighted": "weighted F1", "precision_macro": "macro precision", "recall_macro": "macro recall",
+          "f1_micro": "micro F1", "f1_samples": "per-text F1", "subset_accuracy": "subset accuracy",
+          "hamming_loss": "Hamming loss", "pearson": "Pearson r", "spearman": "Spearman ρ", "mse": "MSE", "mae": "MAE",
+          "r2": "R²", "balanced_accuracy": "balanced accuracy", "mcc": "Matthews correlation", "roc_auc": "ROC-AUC",
+          "pr_auc": "PR-AUC", "roc_auc_macro": "macro ROC-AUC", "average_precision_macro": "macro average precision"}
 
 
 def metric_name(metric: str) -> str:

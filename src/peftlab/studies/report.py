@@ -47,8 +47,16 @@ class Table:
 # --------------------------------------------------------------------------- tables
 
 
+def _shared_metrics(results: ResultSet) -> set[str]:
+    """The metrics every run of the results has (a task's own: a regression has no accuracy)."""
+    scored = [set(run.evaluation(results.select)) for c in results.configurations for run in c.runs]
+    return set.intersection(*scored) if scored else set()
+
+
 def quality_table(results: ResultSet) -> Table:
-    metrics = [results.metric] + [m for m in ("accuracy", "f1_macro", "eval_loss") if m != results.metric]
+    # Beside the study's metric, the task's usual ones that every run has (a regression has no accuracy).
+    metrics = [results.metric] + [m for m in ("accuracy", "f1_macro", "f1_micro", "pearson", "mae", "eval_loss")
+                                  if m != results.metric and m in _shared_metrics(results)]
     header = ["configuration", "runs"]
     for metric in metrics:
         header += [plots.metric_name(metric), "95% CI"]
@@ -81,7 +89,7 @@ def comparison_table(results: ResultSet) -> Table | None:
     if len(results.configurations) < 2:
         return None
     base = results.baseline_configuration()
-    metrics = [results.metric] + [m for m in ("accuracy",) if m != results.metric]
+    metrics = [results.metric] + [m for m in ("accuracy",) if m != results.metric and m in _shared_metrics(results)]
     by_metric = {m: results.comparisons(m) for m in metrics}
     header = ["configuration", "paired seeds"]
     for metric in metrics:
@@ -105,13 +113,19 @@ def comparison_table(results: ResultSet) -> Table | None:
     return Table(f"Against the baseline: {base.label}", header, rows, note)
 
 
-def per_class_table(results: ResultSet) -> Table:
+def per_class_table(results: ResultSet) -> Table | None:
+    """The best run's precision, recall and F1 per class, rarest last (where a rare class hides); none
+    for a regression."""
     run = results.best_run()
-    report = run.evaluation(results.select)["per_class"]
+    report = run.evaluation(results.select).get("per_class")
+    if report is None:
+        return None
     names = json.loads((run.path / LABELS).read_text(encoding="utf-8"))["labels"]
+    names = sorted(names, key=lambda name: -report[name]["support"])
     rows = [[name, f"{report[name]['precision']:.4f}", f"{report[name]['recall']:.4f}",
              f"{report[name]['f1-score']:.4f}", str(int(report[name]["support"]))] for name in names]
-    return Table(f"Per class, best run ({run.path.name})", ["class", "precision", "recall", "F1", "support"], rows)
+    return Table(f"Per class, best run ({run.path.name})", ["class", "precision", "recall", "F1", "support"], rows,
+                 "Sorted by support.")
 
 
 def tables(results: ResultSet) -> list[Table]:
@@ -144,6 +158,8 @@ def make_figures(results: ResultSet, directory: Path) -> list[Figure]:
             if made:
                 figures.append(Figure(made.name, f"{metric} against {key} (mean ± std over seeds)."))
     best = results.best_run()
+    if "confusion_matrix" not in best.evaluation(results.select):  # multi-label, regression
+        return figures
     names = json.loads((best.path / LABELS).read_text(encoding="utf-8"))["labels"]
     figures.append(Figure(plots.confusion(best, results.select, names, f"confusion matrix, {best.path.name}",
                                           directory / "confusion_matrix.png").name,

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from peftlab.config import METRICS, RunConfig
+from peftlab.config import RunConfig
 from peftlab.config_loading import (
     apply_overrides,
     config_differences,
@@ -28,6 +28,7 @@ from peftlab.config_loading import (
 from peftlab.errors import ConfigError, StudyError
 from peftlab.method_configs import METHOD_CLASSES
 from peftlab.runs import CONFIG, atomic_write_json, is_finished
+from peftlab.tasks import ALL_METRICS
 from peftlab.typed_config import Strict
 
 STUDY_FILE = "study.json"
@@ -57,7 +58,7 @@ class StudySpec(Strict):
     """Number of training seeds (42, 43, ...) or the seeds themselves."""
     baseline: str | dict[str, Any] | None = None
     """Cell the others are compared with: a cell label, or `section.key: value` pairs; default the first cell."""
-    metric: Literal[METRICS] = "f1_macro"  # type: ignore[valid-type]
+    metric: Literal[ALL_METRICS] = "f1_macro"  # type: ignore[valid-type]
     """Headline metric of the report's comparisons and plots."""
     select: Literal["best", "final"] = "best"
     """Which evaluation of each run the report uses: the kept (best) checkpoint or the last epoch."""

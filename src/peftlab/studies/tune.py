@@ -32,12 +32,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from peftlab.config import METRICS
 from peftlab.config_loading import apply_overrides, validate_config
 from peftlab.errors import ConfigError
 from peftlab.metrics import LOWER_IS_BETTER
 from peftlab.runs import atomic_write_json, is_finished, load_run
 from peftlab.studies.study import StudyError, read_spec
+from peftlab.tasks import ALL_METRICS
 from peftlab.typed_config import Strict
 
 TUNE_FILE = "tune.json"
@@ -56,7 +56,7 @@ class TuneSpec(Strict):
     config: dict[str, Any] = {}
     space: dict[str, FloatRange | list[Any]]
     trials: int = Field(20, ge=1)
-    metric: Literal[METRICS] = "f1_macro"  # type: ignore[valid-type]
+    metric: Literal[ALL_METRICS] = "f1_macro"  # type: ignore[valid-type]
     pruner: Literal["median", "none"] = "median"
     seed: int = 0
     """Seed of the sampler (each trial trains with the base config's train.seed)."""

@@ -7,7 +7,12 @@ import torch
 from peftlab.config import TrainConfig
 from peftlab.errors import TrainingSetupError
 from peftlab.speed import compat
-from peftlab.training.sharding import is_sharded, load_in_every_process, shard_on_cpu, sharding_requested
+from peftlab.training.sharding import (
+    is_sharded,
+    load_in_every_process,
+    shard_on_cpu,
+    sharding_requested,
+)
 
 
 def make_accelerator(cfg: TrainConfig):

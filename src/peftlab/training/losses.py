@@ -31,10 +31,16 @@ def check_against_labels(cfg: TrainConfig, names: list[str]) -> None:
                           "(use f1_macro, balanced_accuracy or mcc)")
 
 
-def class_weights(cfg: TrainConfig, names: list[str], train_labels: np.ndarray) -> torch.Tensor | None:
+def class_weights(cfg: TrainConfig, names: list[str], train_labels: np.ndarray,
+                  task: str = "single_label") -> torch.Tensor | None:
+    """Single-label: a weight per class. Multi-label: each label's weight of its positives against its
+    negatives (`pos_weight`); `balanced` gives negatives / positives, so both sides weigh alike."""
     if cfg.class_weights == "none":
         return None
-    if cfg.class_weights == "balanced":
+    if cfg.class_weights == "balanced" and task == "multi_label":
+        positives = train_labels.sum(axis=0).astype(np.float64)
+        weights = (len(train_labels) - positives) / np.maximum(positives, 1)
+    elif cfg.class_weights == "balanced":
         counts = np.bincount(train_labels, minlength=len(names)).astype(np.float64)
         weights = len(train_labels) / (len(names) * np.maximum(counts, 1))
     else:
@@ -42,11 +48,17 @@ def class_weights(cfg: TrainConfig, names: list[str], train_labels: np.ndarray) 
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def training_loss(cfg: TrainConfig, names: list[str], train_labels: np.ndarray) -> LossFunction | None:
-    """The loss of (logits, labels) the config asks for; None: the model's own cross-entropy."""
-    weights = class_weights(cfg, names, train_labels)
+def training_loss(cfg: TrainConfig, names: list[str], train_labels: np.ndarray,
+                  task: str = "single_label") -> LossFunction | None:
+    """The loss of (logits, labels) the config asks for; None: the model's own (cross-entropy, binary
+    cross-entropy for multi-label, squared error for regression)."""
+    weights = class_weights(cfg, names, train_labels, task)
     if weights is None and cfg.loss == "cross_entropy":
         return None
+    if task == "multi_label":
+        gamma = cfg.focal_gamma if cfg.loss == "focal" else 0.0
+        return lambda logits, labels: _binary_focal(logits.float(), labels.float(), gamma,
+                                                    None if weights is None else weights.to(logits.device))
     if cfg.loss == "cross_entropy":
         return lambda logits, labels: F.cross_entropy(logits.float(), labels, weight=weights.to(logits.device))
     gamma = cfg.focal_gamma
@@ -60,3 +72,14 @@ def training_loss(cfg: TrainConfig, names: list[str], train_labels: np.ndarray) 
         return (alpha * loss).sum() / alpha.sum()  # as weighted cross-entropy averages
 
     return focal
+
+
+def _binary_focal(logits: torch.Tensor, labels: torch.Tensor, gamma: float,
+                  pos_weight: torch.Tensor | None) -> torch.Tensor:
+    """Binary cross-entropy per label (positives weighed by `pos_weight`), scaled by (1 - p_true)^gamma:
+    at gamma 0 exactly torch's BCEWithLogits."""
+    loss = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight, reduction="none")
+    if gamma:
+        p_true = torch.where(labels > 0.5, torch.sigmoid(logits), torch.sigmoid(-logits))
+        loss = (1 - p_true) ** gamma * loss
+    return loss.mean()

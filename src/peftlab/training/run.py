@@ -18,7 +18,12 @@ from peftlab.batching import evaluation_loader, make_loader
 from peftlab.config import SPEED_SWITCHES, RunConfig
 from peftlab.errors import NonFiniteLossError, RunError
 from peftlab.evaluation import evaluate
-from peftlab.methods import apply_method, count_parameters, parameter_groups, save_trained
+from peftlab.methods import (
+    apply_method,
+    count_parameters,
+    parameter_groups,
+    save_trained,
+)
 from peftlab.metrics import load_scorers
 from peftlab.models import load_base, model_type
 from peftlab.runs import CHECKPOINTS, LABELS, RunDir
@@ -96,7 +101,7 @@ def _train(config: RunConfig, resume: str | Path | None, after_eval: Callable[[d
             say(f"peftlab: set aside the checkpoint after the one resumed from, as {path.name}")
     load_scorers()
     set_seed(config.train.seed)
-    model = apply_method(load_base(config.model, data.splits.labels.id2label), config.method)
+    model = apply_method(load_base(config.model, data.splits.labels.id2label, config.data.task), config.method)
     counts = count_parameters(model)  # before the seen rows: all of the embedding matrix is trained
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     forced = {name for name in SPEED_SWITCHES if getattr(config.speed, name) is True}
@@ -179,12 +184,12 @@ def _training_parts(config: RunConfig, data, model, accelerator, plan: SpeedPlan
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     names = data.splits.labels.names
-    loss = training_loss(cfg, names, data.train.labels)
+    loss = training_loss(cfg, names, data.train.labels, config.data.task)
     step = (GraphedStep(model, optimizer, accelerator, params, warm_every_shape=plan.compile, loss_function=loss)
             if plan.cuda_graphs else EagerStep(model, optimizer, accelerator, loss))
     return Parts(model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
                  evaluation_loader=eval_loader, accelerator=accelerator, training_step=step,
-                 evaluate=lambda: evaluate(model, eval_loader, accelerator, names, plan),
+                 evaluate=lambda: evaluate(model, eval_loader, accelerator, names, plan, config.data.task),
                  clip=gradient_clipper(accelerator, optimizer, params, cfg.max_grad_norm, plan.folded_clipping)
                  if cfg.max_grad_norm else None,
                  lagged=LaggedCheck(optimizer) if plan.lagged_finiteness_check else None)

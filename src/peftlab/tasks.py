@@ -1,0 +1,108 @@
+"""The shapes of problem peftlab trains for (`data.task`), and what each decides: how a label cell is
+read and encoded, the head's `problem_type`, the per-example loss of evaluation, the metrics and
+which of them may pick the best model, and how a prediction is answered.
+
+- `single_label`: one class per text (softmax over the classes, cross-entropy).
+- `multi_label`: any number of classes per text, none included (a sigmoid per class, binary
+  cross-entropy); a label cell is a list (JSONL, parquet) or a `data.label_separator`-separated string.
+- `regression`: a number per text (one output, mean squared error).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+TASKS = ("single_label", "multi_label", "regression")
+PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
+                 "regression": "regression"}
+METRICS = {
+    "single_label": ("accuracy", "f1", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
+                     "balanced_accuracy", "mcc", "roc_auc", "pr_auc", "eval_loss"),
+    "multi_label": ("f1_micro", "f1_macro", "f1_weighted", "f1_samples", "subset_accuracy", "hamming_loss",
+                    "roc_auc_macro", "average_precision_macro", "eval_loss"),
+    "regression": ("pearson", "spearman", "mse", "mae", "r2", "eval_loss"),
+}
+DEFAULT_BEST_METRIC = {"single_label": "f1_macro", "multi_label": "f1_micro", "regression": "pearson"}
+ALL_METRICS = tuple(dict.fromkeys(m for names in METRICS.values() for m in names))
+REGRESSION_NAME = "score"  # the one output of a regression head, as id2label names it
+DECISION_THRESHOLD = 0.5  # a multi-label class is predicted where its probability reaches this
+
+
+def parse_multi_label(value: Any, separator: str, where: str) -> list[str]:
+    """A multi-label cell: a list of names, or names joined by `separator`; empty means no label."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, str):
+        value = [part for part in (p.strip() for p in value.split(separator)) if part]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}: labels {value!r} are neither a list nor a {separator!r}-separated string")
+    names = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (str, int, np.integer)) or not str(item).strip():
+            raise ValueError(f"{where}: label {item!r} in {value!r} is not a name")
+        names.append(str(item).strip())
+    return names
+
+
+def parse_number(value: Any, where: str) -> float:
+    """A regression target: a finite number (a numeric string in csv)."""
+    if isinstance(value, bool) or isinstance(value, np.bool_):
+        raise ValueError(f"{where}: target {value!r} is a boolean, not a number")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: target {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: target {value!r} is missing or not finite")
+    return number
+
+
+def per_example_loss(task: str, logits: Any, labels: Any):
+    """Evaluation's per-example loss (torch tensors): the unweighted loss of the task's head."""
+    import torch.nn.functional as F
+
+    if task == "multi_label":
+        return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(dim=-1)
+    if task == "regression":
+        return (logits.squeeze(-1) - labels.float()) ** 2
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def outputs(task: str, logits: np.ndarray) -> np.ndarray:
+    """What the head's logits mean: class probabilities (softmax, or a sigmoid per class) or the value."""
+    if task == "regression":
+        return logits[:, 0]
+    if task == "multi_label":
+        return 1.0 / (1.0 + np.exp(-logits))
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
+
+
+def score(task: str, labels: np.ndarray, logits: np.ndarray, names: list[str]) -> dict[str, Any]:
+    """The task's metrics of gathered logits against the labels."""
+    from peftlab import metrics
+
+    values = outputs(task, logits)
+    if task == "regression":
+        return metrics.regression_metrics(labels, values)
+    if task == "multi_label":
+        return metrics.multi_label_metrics(labels, values, values >= DECISION_THRESHOLD, names)
+    return metrics.classification_metrics(labels, values.argmax(axis=-1), names, values)
+
+
+def answer(task: str, values: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
+    """One JSON-able answer per text from `outputs`: the best label and every probability; every label
+    at or above the threshold; or the value."""
+    if task == "regression":
+        return [{"score": float(v)} for v in values]
+    if task == "multi_label":
+        return [{"labels": [n for n, p in zip(names, row) if p >= DECISION_THRESHOLD],
+                 "probabilities": {n: float(p) for n, p in zip(names, row)}} for row in values]
+    best = values.argmax(axis=-1)
+    return [{"label": names[b], "score": float(p[b]), "probabilities": {n: float(v) for n, v in zip(names, p)}}
+            for b, p in zip(best, values)]
