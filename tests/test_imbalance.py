@@ -105,3 +105,17 @@ def test_a_run_with_weights_focal_loss_and_balanced_sampling_learns_and_keeps_th
     assert {"roc_auc", "pr_auc", "balanced_accuracy", "mcc"} <= set(summary["best"])
     assert summary["best"]["pr_auc"] >= max(e["pr_auc"] for e in [summary["final"]]) - 1e-9
     assert summary["best"]["balanced_accuracy"] >= 0.7
+
+
+def test_multi_label_weights_are_each_labels_negatives_over_positives_and_focal_reduces_to_bce():
+    labels = np.array([[1, 0], [1, 0], [1, 1], [0, 0]], dtype=np.float32)
+    weights = class_weights(_train_config(class_weights="balanced"), NAMES, labels, "multi_label")
+    assert weights.tolist() == pytest.approx([1 / 3, 3.0])
+    torch.manual_seed(0)
+    logits, targets = torch.randn(8, 2), torch.randint(0, 2, (8, 2)).float()
+    focal0 = training_loss(_train_config(class_weights="balanced", loss="focal", focal_gamma=0.0), NAMES, labels,
+                           "multi_label")
+    torch.testing.assert_close(focal0(logits, targets),
+                               F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weights))
+    focal2 = training_loss(_train_config(loss="focal"), NAMES, labels, "multi_label")
+    assert focal2(logits, targets) < F.binary_cross_entropy_with_logits(logits, targets)

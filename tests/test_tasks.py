@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -163,3 +164,68 @@ def plots_name(metric: str) -> str:
     from peftlab.studies.plots import metric_name
 
     return metric_name(metric)
+
+
+def pair_rows(n: int, seed: int) -> pd.DataFrame:
+    """Label: whether the second text holds the first text's sentiment word (a pair task)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        first = rng.choice(POSITIVE + NEGATIVE)
+        same = rng.random() < 0.5
+        pool = (POSITIVE if first in POSITIVE else NEGATIVE) if same else (NEGATIVE if first in POSITIVE else POSITIVE)
+        second = " ".join([rng.choice(FILLER), rng.choice(pool), rng.choice(FILLER)])
+        rows.append({"premise": f"{rng.choice(FILLER)} {first}", "hypothesis": second,
+                     "label": "same" if same else "opposite"})
+    return pd.DataFrame(rows)
+
+
+def test_a_pair_run_predicts_on_pairs_as_it_was_evaluated(make_config, tmp_path):
+    from peftlab.serving.predict import predict_file
+
+    files = {}
+    for name, frame in (("train", pair_rows(240, 1)), ("eval", pair_rows(80, 2))):
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+        files[f"{name}_file"] = str(tmp_path / f"{name}.csv")
+    config = make_config("bert", data={**files, "text_column": "premise", "text_pair_column": "hypothesis"},
+                         train={"epochs": 2})
+    run = load_run(train(config))
+    out = tmp_path / "predictions.jsonl"
+    rows = predict_file(run.path, files["eval_file"], out, text_column="premise", pair_column="hypothesis",
+                        show_progress=False)
+    predicted = [json.loads(line)["label"] for line in out.read_text().splitlines()]
+    truth = pd.read_csv(files["eval_file"])["label"].tolist()
+    accuracy = np.mean([p == t for p, t in zip(predicted, truth)])
+    assert rows == 80 and accuracy == pytest.approx(run.summary["final"]["accuracy"], abs=1.5 / 80)
+    with pytest.raises(DataError, match="trained on text pairs .*--text-pair-column"):
+        predict_file(run.path, files["eval_file"], tmp_path / "single.jsonl", text_column="premise",
+                     show_progress=False)
+    assert not (tmp_path / "single.jsonl").exists()
+    with pytest.raises(ServeError, match="trained on text pairs"):
+        ServedModel.from_model(run.path)
+
+
+def test_thresholds_are_tuned_per_label_or_globally_to_maximise_f1():
+    from peftlab.tasks import tuned_thresholds
+
+    labels = np.array([[1, 1], [1, 0], [0, 1], [0, 0]] * 5)
+    probabilities = np.array([[0.35, 0.8], [0.32, 0.6], [0.1, 0.9], [0.2, 0.65]] * 5)  # label 0 positive above 0.3,
+    assert tuned_thresholds(labels, probabilities, "fixed").tolist() == [0.5, 0.5]      # label 1 above 0.7
+    assert tuned_thresholds(labels, probabilities, "per_label").tolist() == [0.3, 0.7]  # ties: nearest 0.5
+    (single, again) = tuned_thresholds(labels, probabilities, "global").tolist()
+    assert single == again and 0.05 <= single <= 0.95
+
+
+def test_tuned_thresholds_are_kept_with_the_best_evaluation_and_used_by_predict(make_config, tmp_path):
+    kind, lr = LEARNABLE["full"]
+    config = make_config("bert", method=kind, data={**_files(tmp_path, multi_label_rows), "task": "multi_label",
+                                                     "label_separator": ";", "thresholds": "per_label"},
+                         train={"epochs": 4, "lr": lr, "warmup_ratio": 0.1})
+    run = load_run(train(config))
+    thresholds = run.summary["best"]["thresholds"]
+    assert len(thresholds) == 2 and all(0.05 <= t <= 0.95 for t in thresholds)
+    classifier = Classifier.from_run(run.path, device="cpu")
+    assert classifier.thresholds == thresholds
+    values = classifier.probabilities(["w1 good w2 bad", "w3 w4", "lovely w5", "awful w6"])
+    for answer, row in zip(classifier.label_rows(values), values):
+        assert answer["labels"] == [n for n, p, t in zip(classifier.labels, row, thresholds) if p >= t]

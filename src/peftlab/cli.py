@@ -132,7 +132,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from peftlab.serving.predict import predict_file
 
-    rows = predict_file(args.run, args.input, args.output, args.text_column, args.batch_size)
+    rows = predict_file(args.run, args.input, args.output, args.text_column, args.batch_size,
+                        pair_column=args.text_pair_column)
     if args.output:
         print(f"{rows} predictions written to {args.output}", file=sys.stderr)
     return 0
@@ -246,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(one text per line)")
     predict.add_argument("--output", type=Path, help="JSONL file (default: stdout)")
     predict.add_argument("--text-column", default="text", help="column or field holding the text (default text)")
+    predict.add_argument("--text-pair-column", default=None,
+                         help="column or field holding the second text, for a run trained on text pairs")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.set_defaults(func=_predict)
 

@@ -68,6 +68,11 @@ class DataConfig(Strict):
     names joined by `label_separator`; none is allowed); `regression`: a number per text."""
     label_separator: str = ","
     """Multi-label cells given as text (csv, tsv): the character that separates a text's labels."""
+    thresholds: Literal["fixed", "global", "per_label"] = "fixed"
+    """Multi-label decision thresholds: `fixed` at 0.5; `global`: the one threshold, `per_label`: a
+    threshold per label, that maximise F1 on the eval split at each evaluation (micro F1, or each
+    label's F1), kept with the best evaluation and used by predict. Tuned on the split they are scored
+    on, the metrics are then optimistic."""
     labels: list[str] | None = None
     """Fixed label order; by default the sorted labels seen in training."""
     encoding: str = "utf-8"

@@ -50,7 +50,7 @@ def predict(model: torch.nn.Module, loader, accelerator, plan: SpeedPlan, task: 
 
 
 def evaluate(model: torch.nn.Module, loader, accelerator, names: list[str], plan: SpeedPlan,
-             task: str = "single_label") -> dict[str, Any]:
+             task: str = "single_label", thresholds: str = "fixed") -> dict[str, Any]:
     predictions = predict(model, loader, accelerator, plan, task)
-    metrics = score(task, predictions.labels, predictions.logits, names)
+    metrics = score(task, predictions.labels, predictions.logits, names, thresholds)
     return {"eval_loss": float(predictions.losses.mean()), **metrics}

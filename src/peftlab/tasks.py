@@ -83,25 +83,52 @@ def outputs(task: str, logits: np.ndarray) -> np.ndarray:
     return np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
 
 
-def score(task: str, labels: np.ndarray, logits: np.ndarray, names: list[str]) -> dict[str, Any]:
-    """The task's metrics of gathered logits against the labels."""
+def score(task: str, labels: np.ndarray, logits: np.ndarray, names: list[str],
+          thresholds: str = "fixed") -> dict[str, Any]:
+    """The task's metrics of gathered logits against the labels; multi-label at the decision
+    thresholds `thresholds` asks for (`fixed`, or tuned on these labels: `global`, `per_label`), which
+    the metrics record under "thresholds"."""
     from peftlab import metrics
 
     values = outputs(task, logits)
     if task == "regression":
         return metrics.regression_metrics(labels, values)
     if task == "multi_label":
-        return metrics.multi_label_metrics(labels, values, values >= DECISION_THRESHOLD, names)
+        chosen = tuned_thresholds(labels, values, thresholds)
+        return metrics.multi_label_metrics(labels, values, values >= chosen, names) | {"thresholds": chosen.tolist()}
     return metrics.classification_metrics(labels, values.argmax(axis=-1), names, values)
 
 
-def answer(task: str, values: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
+CANDIDATE_THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
+
+
+def tuned_thresholds(labels: np.ndarray, probabilities: np.ndarray, mode: str) -> np.ndarray:
+    """A decision threshold per label: 0.5 (`fixed`); the one candidate that maximises micro F1
+    (`global`); or for each label the candidate that maximises its F1 (`per_label`). Ties go to the
+    candidate nearest 0.5."""
+    count = probabilities.shape[1]
+    if mode == "fixed":
+        return np.full(count, DECISION_THRESHOLD)
+    labels = labels.astype(bool)
+    by_closeness = CANDIDATE_THRESHOLDS[np.argsort(np.abs(CANDIDATE_THRESHOLDS - DECISION_THRESHOLD), kind="stable")]
+    predicted = probabilities[None, :, :] >= by_closeness[:, None, None]  # candidates x texts x labels
+    true_positive = (predicted & labels).sum(axis=1)
+    f1 = 2 * true_positive / np.maximum(predicted.sum(axis=1) + labels.sum(axis=0), 1)  # per candidate and label
+    if mode == "per_label":
+        return by_closeness[f1.argmax(axis=0)]
+    micro = 2 * true_positive.sum(axis=1) / np.maximum(predicted.sum(axis=(1, 2)) + labels.sum(), 1)
+    return np.full(count, by_closeness[micro.argmax()])
+
+
+def answer(task: str, values: np.ndarray, names: list[str],
+           thresholds: list[float] | None = None) -> list[dict[str, Any]]:
     """One JSON-able answer per text from `outputs`: the best label and every probability; every label
-    at or above the threshold; or the value."""
+    at or above its threshold (0.5 unless the run tuned them); or the value."""
     if task == "regression":
         return [{"score": float(v)} for v in values]
     if task == "multi_label":
-        return [{"labels": [n for n, p in zip(names, row) if p >= DECISION_THRESHOLD],
+        cut = np.full(len(names), DECISION_THRESHOLD) if thresholds is None else np.asarray(thresholds)
+        return [{"labels": [n for n, p, t in zip(names, row, cut) if p >= t],
                  "probabilities": {n: float(p) for n, p in zip(names, row)}} for row in values]
     best = values.argmax(axis=-1)
     return [{"label": names[b], "score": float(p[b]), "probabilities": {n: float(v) for n, v in zip(names, p)}}

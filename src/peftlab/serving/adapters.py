@@ -199,10 +199,14 @@ class ServedModel:
 
 
 def _check_single_label(run) -> None:
-    """The server answers with a label and its probabilities; other tasks are answered by `peftlab predict`."""
+    """The server answers single texts with a label and its probabilities; other runs are answered by
+    `peftlab predict`."""
     if run.config.data.task != "single_label":
         raise ServeError(f"{run.path} is a {run.config.data.task} run; peftlab serve answers single-label runs "
                          "(use peftlab predict for it)")
+    if run.config.data.text_pair_column:
+        raise ServeError(f"{run.path} was trained on text pairs; peftlab serve answers single texts "
+                         "(use peftlab predict --text-pair-column for it)")
 
 
 def _check_name(name: str, taken: dict) -> None:

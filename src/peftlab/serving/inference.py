@@ -11,13 +11,17 @@ import torch
 
 from peftlab import tasks
 from peftlab.config import SpeedConfig
+from peftlab.errors import DataError
 from peftlab.speed.plan import SpeedPlan, inference_plan
 
 
-def padded_inputs(tokenizer, ids: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
-    """Token ids padded into one batch: the model's input ids and attention mask on `device`."""
-    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+def padded_inputs(tokenizer, ids: list[list[int]], device: torch.device,
+                  types: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Token ids padded into one batch: the model's input ids and attention mask on `device` (and the
+    token types of text pairs, where the model takes them)."""
+    features = {"input_ids": ids} | ({"token_type_ids": types} if types is not None else {})
+    batch = tokenizer.pad(features, return_tensors="pt")
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 @dataclass
@@ -31,6 +35,10 @@ class Classifier:
     """The inference side of the run's speed plan on this device."""
     task: str = "single_label"
     """The run's `data.task`: what its outputs mean (tasks.py)."""
+    pair_column: str | None = None
+    """The run's `data.text_pair_column`: it was trained on text pairs and predicts on pairs only."""
+    thresholds: list[float] | None = None
+    """Multi-label decision thresholds kept with the run's best evaluation (data.thresholds)."""
 
     def __post_init__(self) -> None:
         if self.plan is None:
@@ -47,27 +55,36 @@ class Classifier:
         model = load_run_model(run).to(target).eval()
         plan = inference_plan(run.config.speed, target, model.config.model_type)
         return cls(model, load_tokenizer(str(run.model_dir)), run.labels, run.config.model.max_length, target, plan,
-                   run.config.data.task)
+                   run.config.data.task, run.config.data.text_pair_column, run.summary["best"].get("thresholds"))
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
+    def encode(self, texts: list[str], pairs: list[str] | None = None) -> list[list[int]]:
         """Token ids, truncated to max_length, as in training and evaluation."""
-        return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        return self._tokenized(texts, pairs)["input_ids"]
+
+    def _tokenized(self, texts: list[str], pairs: list[str] | None):
+        if (pairs is None) != (self.pair_column is None):
+            raise DataError("this run was trained on text pairs (data.text_pair_column="
+                            f"{self.pair_column}): give the second texts too (--text-pair-column)"
+                            if pairs is None else "this run was trained on single texts; it takes no second text")
+        return self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
 
     @torch.inference_mode()
-    def probabilities(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def probabilities(self, texts: list[str], batch_size: int = 64, pairs: list[str] | None = None) -> np.ndarray:
         """What the model says of each text, in the given order: class probabilities (a softmax; for
         multi-label a sigmoid per class), or for regression the value. Texts are sorted by length so
         that each batch pads little (the way evaluation batches)."""
-        ids = self.encode(texts)
+        tokenized = self._tokenized(texts, pairs)
+        ids, types = tokenized["input_ids"], tokenized.get("token_type_ids") if pairs is not None else None
         order = np.argsort([-len(x) for x in ids], kind="stable")
         logits = np.empty((len(texts), len(self.labels)), dtype=np.float32)
         with self.plan.inference(self.model, self.device):
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                batch = padded_inputs(self.tokenizer, [ids[i] for i in rows], self.device)
+                batch = padded_inputs(self.tokenizer, [ids[i] for i in rows], self.device,
+                                      None if types is None else [types[i] for i in rows])
                 logits[rows] = self.model(**batch).logits.float().cpu().numpy()
         return tasks.outputs(self.task, logits)
 
     def label_rows(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
         """One answer per text (tasks.answer): label and probabilities; labels above the threshold; or the value."""
-        return tasks.answer(self.task, probabilities, self.labels)
+        return tasks.answer(self.task, probabilities, self.labels, self.thresholds)

@@ -103,20 +103,27 @@ def _checked(values: list, origin: str, column: str | None, start: int) -> list[
 
 
 def predict_file(run: Path, source: str, output: Path | None, text_column: str = "text", batch_size: int = 64,
-                 chunk_rows: int = CHUNK_ROWS, show_progress: bool = True, encoding: str = "utf-8") -> int:
-    """Write one JSON line per input row (row, label, score, probabilities); returns the row count.
+                 chunk_rows: int = CHUNK_ROWS, show_progress: bool = True, encoding: str = "utf-8",
+                 pair_column: str | None = None) -> int:
+    """Write one JSON line per input row (row, and the task's answer: label, score, probabilities);
+    returns the row count. A run trained on text pairs reads its second texts from `pair_column`.
     The output file appears only once complete (written aside, then renamed)."""
     from tqdm.auto import tqdm
 
     classifier = Classifier.from_run(run)
-    chunks = read_texts(source, text_column, chunk_rows, encoding)
+    if pair_column is not None and source == "-":
+        raise DataError("text pairs are read from a file's two columns, not from standard input")
+    texts_only = read_texts(source, text_column, chunk_rows, encoding)
+    seconds = read_texts(source, pair_column, chunk_rows, encoding) if pair_column else None
+    # The same file read twice in step: equal chunks, row for row.
+    chunks = zip(texts_only, seconds) if seconds is not None else ((texts, None) for texts in texts_only)
     partial = output.with_name(f".{output.name}.partial") if output else None
     target = open(partial, "w", encoding="utf-8") if partial else sys.stdout
     rows = 0
     try:
         with tqdm(unit="row", disable=not show_progress or output is None, dynamic_ncols=True) as bar:
-            for texts in chunks:
-                for row in classifier.label_rows(classifier.probabilities(texts, batch_size)):
+            for texts, pairs in chunks:
+                for row in classifier.label_rows(classifier.probabilities(texts, batch_size, pairs)):
                     target.write(json.dumps({"row": rows, **row}) + "\n")
                     rows += 1
                 bar.update(len(texts))

@@ -189,7 +189,8 @@ def _training_parts(config: RunConfig, data, model, accelerator, plan: SpeedPlan
             if plan.cuda_graphs else EagerStep(model, optimizer, accelerator, loss))
     return Parts(model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
                  evaluation_loader=eval_loader, accelerator=accelerator, training_step=step,
-                 evaluate=lambda: evaluate(model, eval_loader, accelerator, names, plan, config.data.task),
+                 evaluate=lambda: evaluate(model, eval_loader, accelerator, names, plan, config.data.task,
+                                           config.data.thresholds),
                  clip=gradient_clipper(accelerator, optimizer, params, cfg.max_grad_norm, plan.folded_clipping)
                  if cfg.max_grad_norm else None,
                  lagged=LaggedCheck(optimizer) if plan.lagged_finiteness_check else None)
