@@ -9,7 +9,8 @@ import pytest
 from conftest import write_study
 
 from peftlab.runs import is_finished, read_metrics
-from peftlab.studies.study import load_study, run_study
+from peftlab.studies.running import run_study
+from peftlab.studies.study import load_study
 
 pytest.importorskip("ray")
 

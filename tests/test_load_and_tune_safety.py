@@ -11,9 +11,9 @@ from test_tune import write_tune as tune_file
 
 from peftlab.cli import main
 from peftlab.config_loading import validate_config
+from peftlab.errors import StudyError
 from peftlab.methods import load_trained, save_trained
 from peftlab.models import ModelLoadError, load_classifier
-from peftlab.studies.study import StudyError
 
 LABELS = {0: "neg", 1: "pos"}
 SECRET = "s3cr3t-pw"

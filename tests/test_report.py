@@ -12,7 +12,8 @@ from peftlab.cli import main
 from peftlab.runs import RunError
 from peftlab.studies.report import write_report
 from peftlab.studies.results import collect
-from peftlab.studies.study import load_study, run_study
+from peftlab.studies.running import run_study
+from peftlab.studies.study import load_study
 
 FIGURES = {"quality_vs_params.png", "quality_vs_time.png", "learning_curves.png", "sweep_r.png",
            "confusion_matrix.png"}

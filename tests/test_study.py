@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from peftlab.cli import main
-from peftlab.errors import ConfigError
+from peftlab.errors import ConfigError, StudyError
 from peftlab.runs import is_finished
-from peftlab.studies.study import STUDY_FILE, StudyError, load_study, run_study
+from peftlab.studies.running import run_study
+from peftlab.studies.study import STUDY_FILE, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from conftest import FILLER, NEGATIVE, POSITIVE, write_study
 from test_cuda_graphs import _evals
+from test_serve import Server, status_and_json
 from test_train import LEARNABLE
 
 from peftlab.config_loading import validate_config
@@ -117,8 +118,11 @@ def test_a_multi_label_run_trains_a_sigmoid_head_and_predicts_every_label_above_
     answers = classifier.label_rows(classifier.probabilities(["w1 good w2 bad", "w3 w4", "lovely w5"]))
     assert [a["labels"] for a in answers] == [["neg", "pos"], [], ["pos"]]
     assert set(answers[0]["probabilities"]) == {"neg", "pos"}
-    with pytest.raises(ServeError, match="is a multi_label run; peftlab serve answers single-label runs"):
-        ServedModel.from_model(run.path)
+    with Server(ServedModel.from_model(run.path, device="cpu")) as server:
+        status, served = status_and_json(server.url, "/predict", {"inputs": ["w1 good w2 bad", "w3 w4"]})
+    assert status == 200 and [sorted(e["label"] for e in answer if e["predicted"]) for answer in served] == \
+        [["neg", "pos"], []]
+    assert served[0][0]["score"] == pytest.approx(max(answers[0]["probabilities"].values()), abs=1e-5)
 
 
 def test_a_regression_run_trains_one_output_and_predicts_numbers(make_config, tmp_path):
@@ -135,6 +139,9 @@ def test_a_regression_run_trains_one_output_and_predicts_numbers(make_config, tm
     values = classifier.probabilities(["good great lovely w1", "bad awful poor w2", "w3 w4"])
     answers = classifier.label_rows(values)
     assert answers[0]["score"] > answers[2]["score"] > answers[1]["score"]
+    with Server(ServedModel.from_model(run.path, device="cpu")) as server:
+        status, served = status_and_json(server.url, "/predict", {"inputs": "good great lovely w1"})
+    assert status == 200 and served == [{"label": "score", "score": pytest.approx(answers[0]["score"], abs=1e-5)}]
 
 
 @pytest.mark.parametrize("task,rows,metric", [("regression", regression_rows, "pearson"),
@@ -143,7 +150,8 @@ def test_a_study_of_another_task_reports_its_own_metrics(tiny_models, tmp_path, 
     import yaml
 
     from peftlab.studies.report import write_report
-    from peftlab.studies.study import load_study, run_study
+    from peftlab.studies.running import run_study
+    from peftlab.studies.study import load_study
 
     files = _files(tmp_path, rows)
     spec = yaml.safe_load(write_study(tiny_models, (files["train_file"], files["eval_file"]), tmp_path, metric=metric,

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from peftlab.cli import main
+from peftlab.errors import StudyError
 from peftlab.runs import is_finished, load_run
-from peftlab.studies.study import StudyError
 from peftlab.studies.tune import load_tune
 
 pytest.importorskip("optuna")

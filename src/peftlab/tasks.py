@@ -18,6 +18,7 @@ import numpy as np
 TASKS = ("single_label", "multi_label", "regression")
 PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                  "regression": "regression"}
+TASK_OF_PROBLEM = {problem: task for task, problem in PROBLEM_TYPES.items()}
 METRICS = {
     "single_label": ("accuracy", "f1", "f1_macro", "f1_weighted", "precision_macro", "recall_macro",
                      "balanced_accuracy", "mcc", "roc_auc", "pr_auc", "eval_loss"),

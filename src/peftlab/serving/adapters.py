@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from peftlab import tasks
 from peftlab.config import SpeedConfig
 from peftlab.errors import ServeError
 from peftlab.speed.plan import SpeedPlan, inference_plan
@@ -40,6 +41,8 @@ class Adapter:
     # The name inside peft: peft warns that a name found in its weight prefixes ("a" is in "lora_")
     # may re-initialise weights on load, so users' names stay outside the model.
     key: str = "default"
+    task: str = "single_label"  # what the head's outputs mean (tasks.py)
+    thresholds: list[float] | None = None  # multi-label decision thresholds kept with the run
 
 
 @dataclass
@@ -77,7 +80,7 @@ class ServedModel:
         for name, path in specs:
             _check_name(name, runs)
             run = load_run(path)
-            _check_single_label(run)
+            _check_single_texts(run)
             if run.config.method.kind in ("full", "head"):
                 raise ServeError(f"adapter {name!r}: {path} is a {run.config.method.kind} run with no adapter; "
                                  "serve it alone with --model")
@@ -105,7 +108,8 @@ class ServedModel:
             _install_heads(model, keys[name], run.model_dir)
         _route_heads_by_row(model)
         adapters = {name: Adapter(name, str(run.path), run.labels, run.config.model.max_length,
-                                  run.config.method.kind, _mixable(model, keys[name]), keys[name])
+                                  run.config.method.kind, _mixable(model, keys[name]), keys[name],
+                                  run.config.data.task, run.summary["best"].get("thresholds"))
                     for name, run in runs.items()}
         target = _device(device)
         plan = inference_plan(first.config.speed, target, model.config.model_type)
@@ -130,16 +134,19 @@ class ServedModel:
             labels, length = run.labels, run.config.model.max_length
             kind, base = run.config.method.kind, run.config.model.name
             speed = run.config.speed
-            _check_single_label(run)
+            task, thresholds = run.config.data.task, run.summary["best"].get("thresholds")
+            _check_single_texts(run)
         elif (path / "config.json").is_file():
             model, tokenizer = load_classifier(str(path)), load_tokenizer(str(path))
             labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
             length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
             kind, base = "merged", path.name
             speed = SpeedConfig()
+            task, thresholds = tasks.TASK_OF_PROBLEM.get(model.config.problem_type, "single_label"), None
         else:
             raise ServeError(f"{path} is neither a finished run nor a model directory with config.json")
-        adapter = Adapter(name, str(path), labels, max_length or length, kind, mixable=False)
+        adapter = Adapter(name, str(path), labels, max_length or length, kind, mixable=False, task=task,
+                          thresholds=thresholds)
         from peftlab.methods import is_peft
 
         plan = inference_plan(speed, target, model.config.model_type)
@@ -159,8 +166,9 @@ class ServedModel:
         out: list[np.ndarray] = [np.empty(0)] * len(ids)
 
         def answer(rows: list[int], logits: torch.Tensor) -> None:
-            for row, p in zip(rows, torch.softmax(logits.float(), dim=-1).cpu().numpy()):
-                out[row] = p[: len(self.adapters[adapters[row]].labels)]
+            for row, values in zip(rows, logits.float().cpu().numpy()):
+                adapter = self.adapters[adapters[row]]  # its head's columns (mixed passes pad the others)
+                out[row] = tasks.outputs(adapter.task, values[None, : len(adapter.labels)])[0]
 
         groups = self._groups(adapters)
         for rows, adapter_names in groups:
@@ -198,12 +206,8 @@ class ServedModel:
                              for a in self.adapters.values()}}
 
 
-def _check_single_label(run) -> None:
-    """The server answers single texts with a label and its probabilities; other runs are answered by
-    `peftlab predict`."""
-    if run.config.data.task != "single_label":
-        raise ServeError(f"{run.path} is a {run.config.data.task} run; peftlab serve answers single-label runs "
-                         "(use peftlab predict for it)")
+def _check_single_texts(run) -> None:
+    """The server answers single texts; a run trained on text pairs is answered by `peftlab predict`."""
     if run.config.data.text_pair_column:
         raise ServeError(f"{run.path} was trained on text pairs; peftlab serve answers single texts "
                          "(use peftlab predict --text-pair-column for it)")

@@ -11,6 +11,7 @@ from typing import Any
 
 from peftlab.serving.adapters import ServedModel
 from peftlab.serving.settings import ServeSettings
+from peftlab.tasks import DECISION_THRESHOLD
 
 log = logging.getLogger("peftlab.serve")
 
@@ -162,8 +163,20 @@ class Predictor:
         return text
 
     def answer(self, probabilities: list, adapter: str) -> list[list[dict[str, Any]]]:
-        labels = self.served.adapters[adapter].labels
-        return [[{"label": labels[i], "score": float(p[i])} for i in p.argsort()[::-1]] for p in probabilities]
+        """Per text, every label with its score, highest first (text-embeddings-inference's shape); a
+        multi-label answer marks the labels at or above their thresholds `predicted`, a regression's
+        one entry holds the value."""
+        served = self.served.adapters[adapter]
+        labels = served.labels
+        if served.task == "regression":
+            return [[{"label": labels[0], "score": float(value)}] for value in probabilities]
+        answers = [[{"label": labels[i], "score": float(p[i])} for i in p.argsort()[::-1]] for p in probabilities]
+        if served.task == "multi_label":
+            cut = dict(zip(labels, served.thresholds or [DECISION_THRESHOLD] * len(labels)))
+            for answer in answers:
+                for entry in answer:
+                    entry["predicted"] = entry["score"] >= cut[entry["label"]]
+        return answers
 
     def health(self) -> tuple[int, dict[str, Any]]:
         batcher = self.batcher

@@ -46,7 +46,8 @@ def quality_vs_cost(results: ResultSet, cost: str, path: Path) -> Path:
     """Metric (mean, error bar = std over seeds) against trainable parameters or train time."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for color, configuration in zip(_colors(len(results.configurations)), results.configurations):
+    scored = results.scored()  # a regression among classifications has no accuracy to plot
+    for color, configuration in zip(_colors(len(scored)), scored):
         quality = configuration.stat(results.metric, results.select)
         spent = configuration.cost(cost)
         ax.errorbar(spent.mean, quality.mean, yerr=_nan_to_zero(quality.std),
@@ -119,7 +120,7 @@ def sweep_curve(results: ResultSet, key: str, path: Path) -> Path | None:
     others = [k for k in results.varying if k != key]
     series: dict[str, list[tuple[float, Configuration]]] = {}
     references: list[Configuration] = []
-    for configuration in results.configurations:
+    for configuration in results.scored():
         value = configuration.changes.get(key)
         if value is None:
             references.append(configuration)

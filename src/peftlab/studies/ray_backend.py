@@ -15,7 +15,8 @@ import time
 from typing import Any
 
 from peftlab.errors import StudyError
-from peftlab.studies.study import PlannedRun, Study, clock
+from peftlab.studies.running import clock
+from peftlab.studies.study import PlannedRun, Study
 
 
 def _train_cell(raw_config: dict[str, Any], working_dir: str, threads: int) -> dict[str, str]:

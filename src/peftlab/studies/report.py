@@ -11,9 +11,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from peftlab.runs import LABELS, RunError, is_empty_dir, replace_directory
 from peftlab.studies import plots
 from peftlab.studies.results import ResultSet, collect
+from peftlab.studies.spec import UNSCALED_METRICS
+from peftlab.studies.stats import summarize
 
 REPORT_DIR = "report"
 SWEEP_KEYS = ("method.r", "data.n_train")
@@ -64,11 +68,65 @@ def quality_table(results: ResultSet) -> Table:
     for configuration in results.configurations:
         row = [configuration.label, str(len(configuration.runs))]
         for metric in metrics:
+            if not configuration.has(metric, results.select):  # a regression among classifications
+                row += ["—", ""]
+                continue
             stat = configuration.stat(metric, results.select)
             row += [stat.text(), stat.interval()]
         rows.append(row)
     which = "the kept checkpoint (best on eval)" if results.select == "best" else "the last evaluation"
-    return Table("Quality", header, rows, f"Mean ± sample std over seeds, Student-t 95% interval; metrics of {which}.")
+    missing = " — : the task has no such metric." if any("—" in row for row in rows) else ""
+    return Table("Quality", header, rows,
+                 f"Mean ± sample std over seeds, Student-t 95% interval; metrics of {which}.{missing}")
+
+
+# A task's usual companion of its own metric (GLUE reports MRPC and QQP as F1 / accuracy, STS-B as
+# Pearson / Spearman): shown beside it in the table of published figures.
+COMPANIONS = {"f1": ("accuracy",), "pearson": ("spearman",), "spearman": ("pearson",)}
+
+
+def reference_table(results: ResultSet) -> Table | None:
+    """Each configuration's own metric (and its companion, and every metric with a published figure):
+    mean ± std and median over seeds beside the published figure, in points as papers print them."""
+    if not results.references:
+        return None
+    sources: list[str] = []
+    rows = []
+    for configuration in results.configurations:
+        published = results.references.get(configuration.label, {})
+        own = configuration.best_metric
+        names = [own, *COMPANIONS.get(own or "", ()), *published] if own else list(published)
+        for metric in dict.fromkeys(names):
+            if not configuration.has(metric, results.select):
+                continue
+            values = list(configuration.values(metric, results.select).values())
+            stat = summarize(values)
+            spread = f" ± {_points(metric, stat.std)}" if stat.n > 1 else ""
+            median = float(np.median(values))
+            figure, delta = "—", ""
+            if metric in published:
+                source = published[metric]["source"]
+                if source not in sources:
+                    sources.append(source)
+                figure = f"{_points(metric, published[metric]['value'])} [{sources.index(source) + 1}]"
+                ours = stat.mean if published[metric].get("statistic") == "mean" else median
+                delta = _points(metric, ours - published[metric]["value"], sign=True)
+            rows.append([configuration.label, plots.metric_name(metric), str(stat.n),
+                         _points(metric, stat.mean) + spread, _points(metric, median), figure, delta])
+    which = "the kept checkpoint (best on eval)" if results.select == "best" else "the last evaluation"
+    note = ("Each configuration's own metric (the one its checkpoint is kept by) first, then its usual companion "
+            "and any published one; metrics bounded by 1 in points (×100), as papers print them; metrics of "
+            f"{which}. Δ: this study's median minus the published figure (its mean where the source gives "
+            "means). "
+            + " ".join(f"[{i}] {source}" for i, source in enumerate(sources, 1)))
+    return Table("Against published figures", ["configuration", "metric", "runs", "mean ± std", "median",
+                                               "published", "Δ"], rows, note)
+
+
+def _points(metric: str, value: float, sign: bool = False) -> str:
+    if metric in UNSCALED_METRICS:
+        return f"{value:+.4f}" if sign else f"{value:.4f}"
+    return f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
 
 
 def cost_table(results: ResultSet) -> Table:
@@ -88,29 +146,41 @@ def cost_table(results: ResultSet) -> Table:
 def comparison_table(results: ResultSet) -> Table | None:
     if len(results.configurations) < 2:
         return None
-    base = results.baseline_configuration()
+    several = results.several_baselines
     metrics = [results.metric] + [m for m in ("accuracy",) if m != results.metric and m in _shared_metrics(results)]
     by_metric = {m: results.comparisons(m) for m in metrics}
-    header = ["configuration", "paired seeds"]
+    if not by_metric[results.metric]:
+        return None
+    header = ["configuration"] + (["baseline"] if several else []) + ["paired seeds"]
     for metric in metrics:
         header += [f"Δ {plots.metric_name(metric)}", "95% CI", "p"]
     header.append("verdict")
     rows = []
     for configuration in results.configurations:
-        if configuration is base:
+        if configuration.label not in by_metric[results.metric]:  # a baseline
             continue
+        base = results.baseline_of(configuration)
         first = by_metric[results.metric][configuration.label]
-        row = [configuration.label, str(first.pairs)]
+        row = [configuration.label] + ([base.label if base else results.baselines[configuration.label]]
+                                       if several else []) + [str(first.pairs) if first else "—"]
         for metric in metrics:
             comparison = by_metric[metric][configuration.label]
+            if comparison is None:
+                row += ["—", "", ""]
+                continue
             row += [f"{comparison.difference.mean:+.4f}", comparison.difference.interval(),
                     "" if math.isnan(comparison.p_value) else f"{comparison.p_value:.3f}"]
-        rows.append(row + [first.verdict])
-    note = (f"Against {base.label}, paired by seed (paired t-test, two-sided, 5%; the exact sign-flip test when "
+        verdict = first.verdict if first else (
+            "baseline unfinished" if base is None else f"no {plots.metric_name(results.metric)}")
+        rows.append(row + [verdict])
+    overall = results.baseline_configuration()
+    against = "its own baseline (the baseline cell nearest to it)" if several else overall.label
+    note = (f"Against {against}, paired by seed (paired t-test, two-sided, 5%; the exact sign-flip test when "
             "every seed differs by the same amount). The verdict is on "
             f"{plots.metric_name(results.metric)}. With few seeds only large differences are detectable: "
             "'no detectable difference' is not proof of equality.")
-    return Table(f"Against the baseline: {base.label}", header, rows, note)
+    title = "Against each configuration's baseline" if several else f"Against the baseline: {overall.label}"
+    return Table(title, header, rows, note)
 
 
 def per_class_table(results: ResultSet) -> Table | None:
@@ -129,8 +199,8 @@ def per_class_table(results: ResultSet) -> Table | None:
 
 
 def tables(results: ResultSet) -> list[Table]:
-    return [t for t in (quality_table(results), comparison_table(results), cost_table(results),
-                        per_class_table(results)) if t is not None]
+    return [t for t in (quality_table(results), reference_table(results), comparison_table(results),
+                        cost_table(results), per_class_table(results)) if t is not None]
 
 
 # --------------------------------------------------------------------------- the report
@@ -256,5 +326,5 @@ def _html(results: ResultSet, made: list[Table], figures: list[Figure], director
 def compare_text(paths: list[Path]) -> str:
     """The terminal view: quality and comparison tables."""
     results = collect([Path(p) for p in paths])
-    shown = [quality_table(results), comparison_table(results)]
+    shown = [quality_table(results), reference_table(results), comparison_table(results)]
     return "\n\n".join(t.text() for t in shown if t is not None)

@@ -47,8 +47,17 @@ class Configuration:
     runs: list[RunResult]
     changes: dict[str, Any] = field(default_factory=dict)  # the keys that set it apart from the others
 
+    def has(self, metric: str, select: str) -> bool:
+        """Whether every run has the metric (a regression has no accuracy)."""
+        return all(run.evaluation(select).get(metric) is not None for run in self.runs)
+
     def values(self, metric: str, select: str) -> dict[int, float]:
         return {run.seed: float(run.evaluation(select)[metric]) for run in self.runs}
+
+    @property
+    def best_metric(self) -> str | None:
+        """The metric its runs kept their checkpoint by (`train.best_metric`): the task's own."""
+        return self.runs[0].config.get("train.best_metric")
 
     def stat(self, metric: str, select: str) -> Summary:
         return summarize(list(self.values(metric, select).values()))
@@ -70,6 +79,9 @@ class ResultSet:
     unfinished: list[Path] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
     description: str | None = None
+    baselines: dict[str, str] = field(default_factory=dict)  # configuration label -> its own baseline's label
+    # configuration label -> {metric: {"value": published value on the metric's scale, "source": ...}}
+    references: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def higher_is_better(self) -> bool:
@@ -81,16 +93,41 @@ class ResultSet:
                 return configuration
         return self.configurations[0]
 
-    def comparisons(self, metric: str | None = None) -> dict[str, Comparison]:
+    def baseline_of(self, configuration: Configuration) -> Configuration | None:
+        """A configuration's own baseline where the study gives each cell one (the full fine-tuning of its
+        task), None if that one has no finished runs; else the baseline."""
+        if configuration.label not in self.baselines:
+            return self.baseline_configuration()
+        return next((c for c in self.configurations if c.label == self.baselines[configuration.label]), None)
+
+    @property
+    def several_baselines(self) -> bool:
+        return len({self.baselines.get(c.label, self.baseline) for c in self.configurations}) > 1
+
+    def comparisons(self, metric: str | None = None) -> dict[str, Comparison | None]:
+        """Each configuration but a baseline against its baseline, paired by seed; None where one of the
+        two has no such metric, or its own baseline has no finished runs."""
         metric = metric or self.metric
-        base = self.baseline_configuration()
         higher = metric not in LOWER_IS_BETTER
-        return {c.label: paired_comparison(c.values(metric, self.select), base.values(metric, self.select), higher)
-                for c in self.configurations if c is not base}
+        compared: dict[str, Comparison | None] = {}
+        for c in self.configurations:
+            base = self.baseline_of(c)
+            if base is c:
+                continue
+            both = base is not None and c.has(metric, self.select) and base.has(metric, self.select)
+            compared[c.label] = paired_comparison(c.values(metric, self.select), base.values(metric, self.select),
+                                                  higher) if both else None
+        return compared
+
+    def scored(self) -> list[Configuration]:
+        """The configurations that have the headline metric."""
+        return [c for c in self.configurations if c.has(self.metric, self.select)]
 
     def best_run(self) -> RunResult:
         sign = 1 if self.higher_is_better else -1
-        best = max(self.configurations, key=lambda c: sign * c.stat(self.metric, self.select).mean)
+        if not self.scored():
+            return self.configurations[0].runs[0]
+        best = max(self.scored(), key=lambda c: sign * c.stat(self.metric, self.select).mean)
         return max(best.runs, key=lambda r: sign * float(r.evaluation(self.select)[self.metric]))
 
 
@@ -117,9 +154,12 @@ def collect(paths: list[Path]) -> ResultSet:
         raise RunError(f"no finished runs in {', '.join(map(str, paths))}")
     configurations, varying = group(runs, study)
     title = study.get("name") or (Path(paths[0]).name if len(paths) == 1 else "comparison")
+    cells = study.get("cells", [])
     return ResultSet(title=title, configurations=configurations, metric=study.get("metric", "f1_macro"),
                      select=study.get("select", "best"), baseline=study.get("baseline"), varying=varying,
-                     unfinished=unfinished, failures=study.get("failures", {}), description=study.get("description"))
+                     unfinished=unfinished, failures=study.get("failures", {}), description=study.get("description"),
+                     baselines={c["label"]: c["baseline"] for c in cells if c.get("baseline")},
+                     references={c["label"]: c["reference"] for c in cells if c.get("reference")})
 
 
 def load_result(path: Path) -> RunResult:

@@ -6,20 +6,16 @@ import hashlib
 import itertools
 import json
 import re
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from peftlab.config import RunConfig
 from peftlab.config_loading import (
     apply_overrides,
-    config_differences,
     parse_overrides,
     parse_yaml,
     read_yaml,
@@ -27,46 +23,12 @@ from peftlab.config_loading import (
 )
 from peftlab.errors import ConfigError, StudyError
 from peftlab.method_configs import METHOD_CLASSES
-from peftlab.runs import CONFIG, atomic_write_json, is_finished
-from peftlab.tasks import ALL_METRICS
+from peftlab.studies.spec import UNSCALED_METRICS, StudySpec
+from peftlab.tasks import METRICS
 from peftlab.typed_config import Strict
 
 STUDY_FILE = "study.json"
 _METHOD_KEYS = set().union(*(cls.model_fields for cls in METHOD_CLASSES.values()))
-
-
-class Resources(Strict):
-    """What one run needs from a worker of the Ray backend (the local backend runs one run at a time)."""
-
-    cpu: float = Field(1.0, gt=0)
-    gpu: float = Field(0.0, ge=0)
-
-
-class StudySpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    """Directory name of the study under the base config's `output.dir`."""
-    description: str | None = None
-    base: Path | None = None
-    """Base run config file, relative to the study file."""
-    config: dict[str, Any] = {}
-    """Inline config sections, merged over `base`."""
-    variants: dict[str, dict[str, Any]] | None = None
-    """Named sets of `section.key: value` changes (e.g. per-method learning rates), crossed with the grid."""
-    grid: dict[str, list[Any]] = {}
-    """`section.key: [values]`; every combination is a cell."""
-    seeds: int | list[int] = Field(1)
-    """Number of training seeds (42, 43, ...) or the seeds themselves."""
-    baseline: str | dict[str, Any] | None = None
-    """Cell the others are compared with: a cell label, or `section.key: value` pairs; default the first cell."""
-    metric: Literal[ALL_METRICS] = "f1_macro"  # type: ignore[valid-type]
-    """Headline metric of the report's comparisons and plots."""
-    select: Literal["best", "final"] = "best"
-    """Which evaluation of each run the report uses: the kept (best) checkpoint or the last epoch."""
-    resources: Resources = Resources()
-    """Per run, for `--backend ray`: `{cpu: 2, gpu: 1}`."""
-
-    def seed_list(self) -> list[int]:
-        return list(range(42, 42 + self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
 
 @dataclass
@@ -77,6 +39,12 @@ class Cell:
     slug: str
     changes: dict[str, Any]
     config: RunConfig  # with the first seed; `config_for(seed)` gives the others
+    variants: tuple[str, ...] = ()  # its variant of each group
+
+    def coordinates(self) -> dict[str, Any]:
+        """Where it sits in the study: its variant of each group and its grid values (keys that apply)."""
+        grid = {k: json.dumps(v, sort_keys=True) for k, v in self.changes.items() if k != "variant"}
+        return {f"variant {i}": name for i, name in enumerate(self.variants)} | grid
 
 
 @dataclass
@@ -104,14 +72,69 @@ class Study:
                 for cell in self.cells for seed in self.spec.seed_list()]
 
     def baseline_label(self) -> str:
+        """The baseline cell, or the first of them where each cell has its own (`baselines`)."""
+        return self._baseline_cells()[0].label
+
+    def _baseline_cells(self) -> list[Cell]:
         wanted = self.spec.baseline
         if wanted is None:
-            return self.cells[0].label
+            return self.cells[:1]
+        exact = [cell for cell in self.cells if cell.label == wanted]
+        matched = exact or [cell for cell in self.cells
+                            if (isinstance(wanted, dict) and _matches(cell.config, wanted)) or wanted in cell.variants]
+        if not matched:
+            raise StudyError(f"{self.origin}: baseline {wanted!r} matches no cell "
+                             f"(cells: {' | '.join(c.label for c in self.cells)})")
+        return matched
+
+    def baselines(self) -> dict[str, str]:
+        """Each cell's baseline: the one baseline cell, or, where the baseline matches several, the one
+        of them that shares most of the cell's variants and grid values; a tie is an error."""
+        matched = self._baseline_cells()
+        if len(matched) == 1:
+            return {cell.label: matched[0].label for cell in self.cells}
+        chosen = {}
         for cell in self.cells:
-            if wanted == cell.label or (isinstance(wanted, dict) and _matches(cell.config, wanted)):
-                return cell.label
-        raise StudyError(f"{self.origin}: baseline {wanted!r} matches no cell "
-                         f"(cells: {' | '.join(c.label for c in self.cells)})")
+            if cell in matched:
+                chosen[cell.label] = cell.label
+                continue
+            own = cell.coordinates()
+            shared = [sum(own.get(k) == v for k, v in other.coordinates().items()) for other in matched]
+            nearest = [other for other, count in zip(matched, shared) if count == max(shared)]
+            if len(nearest) > 1:
+                raise StudyError(f"{self.origin}: baseline {self.spec.baseline!r} matches {len(matched)} cells, and "
+                                 f"cell {cell.label!r} is as close to {nearest[0].label!r} as to "
+                                 f"{nearest[1].label!r}; name one cell")
+            chosen[cell.label] = nearest[0].label
+        return chosen
+
+    def references(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Published figures per cell label: `{metric: {value (on the metric's own scale), source, statistic}}`.
+        A key that names no cell or variant, a metric that is not one of the cell's task, or two figures
+        for one cell and metric are errors."""
+        resolved: dict[str, dict[str, dict[str, Any]]] = {}
+        problems = []
+        for block in self.spec.reference:
+            for key, figures in block.figures.items():
+                cells = [c for c in self.cells if c.label == key] or [c for c in self.cells if key in c.variants]
+                if not cells:
+                    problems.append(f"reference figures for {key!r}: no cell or variant has that name "
+                                    f"(cells: {' | '.join(c.label for c in self.cells)})")
+                for cell, (metric, value) in itertools.product(cells, figures.items()):
+                    task = cell.config.data.task
+                    if metric not in METRICS[task]:
+                        problems.append(f"reference figures for {key!r}: {metric} is not a metric of cell "
+                                        f"{cell.label!r} (data.task={task})")
+                    elif metric in resolved.get(cell.label, {}):
+                        problems.append(f"reference figures for {key!r}: cell {cell.label!r} already has a "
+                                        f"published {metric}")
+                    else:
+                        scale = 100.0 if block.percent and metric not in UNSCALED_METRICS else 1.0
+                        resolved.setdefault(cell.label, {})[metric] = {"value": value / scale, "source": block.source,
+                                                                       "statistic": block.statistic}
+        if problems:
+            raise StudyError(f"{self.origin}: " + "\n  ".join(problems))
+        return resolved
 
 
 # --------------------------------------------------------------------------- loading and expanding
@@ -138,7 +161,8 @@ def load_study(path: Path | str, overrides: list[str] | None = None) -> Study:
     path = Path(path)
     spec, base = read_spec(StudySpec, path, overrides)
     study = expand(spec, base, path)
-    study.baseline_label()  # an unmatched baseline fails now, not after the runs
+    study.baselines()  # an unmatched or ambiguous baseline fails now, not after the runs
+    study.references()  # and so do reference figures that name no cell
     return study
 
 
@@ -149,14 +173,19 @@ def expand(spec: StudySpec, base: dict[str, Any], origin: Path) -> Study:
     for key, values in spec.grid.items():
         if not values:
             raise StudyError(f"{origin}: grid.{key} has no values")
-    variants = list((spec.variants or {None: {}}).items())
+    groups = [list(group.items()) for group in spec.variant_groups()]
     keys = list(spec.grid)
     cells: list[Cell] = []
     seen: dict[str, str] = {}
     collapsed = 0
     problems = []
-    for (variant, variant_changes), values in itertools.product(variants, itertools.product(*spec.grid.values())):
-        changes = {**variant_changes, **dict(zip(keys, values))}
+    for chosen, values in itertools.product(itertools.product(*groups), itertools.product(*spec.grid.values())):
+        names = tuple(name for name, _ in chosen)
+        variant = ", ".join(names) or None
+        changes: dict[str, Any] = {}
+        for _, variant_changes in chosen:  # later groups override earlier ones
+            changes |= variant_changes
+        changes |= dict(zip(keys, values))
         raw = apply_overrides(base, changes)
         dropped = _drop_inapplicable_method_keys(raw)
         grid_changes = {k: v for k, v in zip(keys, values) if k.removeprefix("method.") not in dropped}
@@ -171,7 +200,8 @@ def expand(spec: StudySpec, base: dict[str, Any], origin: Path) -> Study:
             collapsed += 1
             continue
         seen[identity] = label
-        cells.append(Cell(label, _slug(label), {**({"variant": variant} if variant else {}), **grid_changes}, config))
+        cells.append(Cell(label, _slug(label), {**({"variant": variant} if variant else {}), **grid_changes}, config,
+                          names))
     if problems:
         raise ConfigError("\n".join(problems))
     _make_slugs_unique(cells)
@@ -262,93 +292,3 @@ def _matches(config: RunConfig, wanted: dict[str, Any]) -> bool:
     return True
 
 
-# --------------------------------------------------------------------------- running
-
-
-def check_finished_runs(study: Study) -> None:
-    """A finished run made with another config would be silently reused: refuse, naming the keys."""
-    for planned in study.runs:
-        if not is_finished(planned.path):
-            continue
-        saved = yaml.safe_load((planned.path / CONFIG).read_text(encoding="utf-8"))
-        expected = planned.config.model_dump(mode="json")
-        differences = config_differences(saved, expected)
-        if differences:
-            raise StudyError(f"{planned.path} was made with a different config ({'; '.join(differences[:5])}); "
-                             f"give the study another name, or remove that run to redo it")
-
-
-def describe(study: Study) -> str:
-    """The plan: one line per run, marked done / to do."""
-    runs = study.runs
-    done = sum(is_finished(r.path) for r in runs)
-    header = (f"study {study.spec.name}: {len(study.cells)} configurations × {len(study.spec.seed_list())} seeds = "
-              f"{len(runs)} runs ({done} finished, {len(runs) - done} to run) in {study.directory}")
-    lines = [header]
-    if study.collapsed:
-        lines.append(f"  {study.collapsed} grid combination(s) collapsed: keys that do not apply to their method "
-                     "made them repeat another cell")
-    for planned in runs:
-        state = "done" if is_finished(planned.path) else "todo"
-        lines.append(f"  [{state}] {planned.path.name:<40} {planned.cell.label}")
-    return "\n".join(lines)
-
-
-def run_study(study: Study, progress: bool = True,
-              runner: Callable[[Study, list[PlannedRun]], dict[str, str]] | None = None) -> dict[str, str]:
-    """Run every unfinished cell; returns {run name: error} for runs that failed (the others go on).
-    `runner(study, todo)` runs the cells elsewhere (the Ray backend: studies/ray_backend.py); by
-    default they run here, one after another."""
-    check_finished_runs(study)
-    study.directory.mkdir(parents=True, exist_ok=True)
-    write_study_file(study)
-    todo = [r for r in study.runs if not is_finished(r.path)]
-    failures = runner(study, todo) if runner else _run_here(todo, progress)
-    write_study_file(study, failures)
-    return failures
-
-
-def _run_here(todo: list[PlannedRun], progress: bool) -> dict[str, str]:
-    from peftlab.errors import NonFiniteLossError
-    from peftlab.training.run import train
-
-    failures: dict[str, str] = {}
-    durations: list[float] = []
-    started = time.perf_counter()
-    for index, planned in enumerate(todo, 1):
-        print(f"\n=== run {index}/{len(todo)}: {planned.path.name} ({planned.cell.label}, seed {planned.seed}); "
-              f"elapsed {clock(time.perf_counter() - started)}{_eta(durations, len(todo) - index + 1)}", flush=True)
-        config = planned.config.model_copy(update={"output": planned.config.output.model_copy(
-            update={"progress": progress and planned.config.output.progress})})
-        run_started = time.perf_counter()
-        try:
-            train(config, resume="auto")  # an interrupted run goes on from its last complete checkpoint
-        except NonFiniteLossError as exc:
-            failures[planned.path.name] = str(exc)
-            print(f"run {planned.path.name} failed: {exc}", flush=True)
-        durations.append(time.perf_counter() - run_started)
-    return failures
-
-
-def write_study_file(study: Study, failures: dict[str, str] | None = None) -> None:
-    """The study's own record, read by the report: cells, their runs, the baseline."""
-    atomic_write_json(study.directory / STUDY_FILE, {
-        "name": study.spec.name, "description": study.spec.description, "origin": str(study.origin),
-        "metric": study.spec.metric, "select": study.spec.select, "baseline": study.baseline_label(),
-        "seeds": study.spec.seed_list(), "grid": study.spec.grid, "variants": list(study.spec.variants or {}),
-        "cells": [{"label": c.label, "changes": c.changes,
-                   "runs": [f"{c.slug}-seed{seed}" for seed in study.spec.seed_list()]} for c in study.cells],
-        "failures": failures or {},
-    })
-
-
-def _eta(durations: list[float], remaining: int) -> str:
-    if not durations:
-        return ""
-    return f", about {clock(sum(durations) / len(durations) * remaining)} left"
-
-
-def clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

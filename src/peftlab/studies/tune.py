@@ -33,10 +33,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from peftlab.config_loading import apply_overrides, validate_config
-from peftlab.errors import ConfigError
+from peftlab.errors import ConfigError, StudyError
 from peftlab.metrics import LOWER_IS_BETTER
 from peftlab.runs import atomic_write_json, is_finished, load_run
-from peftlab.studies.study import StudyError, read_spec
+from peftlab.studies.study import read_spec
 from peftlab.tasks import ALL_METRICS
 from peftlab.typed_config import Strict
 
