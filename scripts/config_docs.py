@@ -235,6 +235,8 @@ def _type_name(annotation: Any, bounds: dict[str, float]) -> str:
         return "list of " + _type_name(typing.get_args(annotation)[0], {})
     if origin is dict:
         return "mapping"
+    if origin is tuple:
+        return "[" + ", ".join(_type_name(arg, {}) for arg in typing.get_args(annotation)) + "]"
     if annotation in NAMES:
         return NAMES[annotation]
     raise ValueError(f"no rendering for type {annotation!r}: add one to {COMMAND}")

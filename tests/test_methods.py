@@ -135,6 +135,31 @@ def test_loraplus_boosts_only_the_b_matrices(tiny_models):
     assert grouped == sum(1 for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_the_head_learns_at_its_own_rate(tiny_models, arch, kind):
+    method = method_of(METHODS[kind])
+    model = apply_method(fresh(tiny_models, arch), method)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: g for g in parameter_groups(model, method, lr=1e-4, weight_decay=0.01, head_lr=3e-3)}
+    head = {names[id(p)] for p in groups["head"]["params"]}
+    in_head = {n for n, p in model.named_parameters() if p.requires_grad and ("classifier" in n or "pre_classifier" in n)}
+    assert head == in_head and groups["head"]["lr"] == 3e-3
+    assert all(g["lr"] == 1e-4 for k, g in groups.items() if k != "head")
+    assert sum(len(g["params"]) for g in groups.values()) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert "head" not in {g["name"] for g in parameter_groups(model, method, lr=1e-4, weight_decay=0.01)}
+
+
+def test_head_lr_defaults_to_lr_but_multi_label_heads_learn_faster():
+    single = validate_config({"data": {"source": "tweets"}, "method": {"kind": "full"}}).train
+    multi = validate_config({"data": {"source": "attack-tactics", "task": "multi_label"}, "method": {"kind": "full"}})
+    assert single.head_lr == single.lr == 5e-5 and multi.train.head_lr == 3e-3
+    ia3 = validate_config({"data": {"source": "attack-tactics", "task": "multi_label"}, "method": {"kind": "ia3"}})
+    assert ia3.train.head_lr == ia3.train.lr == 1e-2  # never slower than the rest
+    chosen = validate_config({"data": {"source": "tweets"}, "train": {"head_lr": 1e-3}}).train
+    assert chosen.head_lr == 1e-3
+
+
 def test_pickle_only_model_is_refused(tiny_models, tmp_path):
     model = fresh(tiny_models, "bert")
     model.config.save_pretrained(tmp_path / "bin")

@@ -14,7 +14,7 @@ from test_serve import Server, status_and_json
 from test_train import LEARNABLE
 
 from peftlab.config_loading import validate_config
-from peftlab.errors import ConfigError, DataError, ServeError
+from peftlab.errors import ConfigError, DataError
 from peftlab.metrics import multi_label_metrics, regression_metrics
 from peftlab.runs import load_run
 from peftlab.serving.adapters import ServedModel
@@ -144,6 +144,34 @@ def test_a_regression_run_trains_one_output_and_predicts_numbers(make_config, tm
     assert status == 200 and served == [{"label": "score", "score": pytest.approx(answers[0]["score"], abs=1e-5)}]
 
 
+def test_label_range_trains_on_0_1_and_answers_in_the_targets_unit(make_config, tmp_path):
+    kind, lr = LEARNABLE["full"]
+    files = _files(tmp_path, regression_rows, "jsonl")
+    config = make_config("bert", method=kind, data={**files, "task": "regression", "label_range": [-3, 3]},
+                         train={"epochs": 10, "lr": lr, "warmup_ratio": 0.1})
+    run = load_run(train(config))
+    assert json.loads((run.model_dir / "config.json").read_text())["label_range"] == [-3.0, 3.0]
+    eval_rows = pd.read_json(files["eval_file"], lines=True)
+    classifier = Classifier.from_run(run.path, device="cpu")
+    values = classifier.probabilities(eval_rows.text.tolist())
+    # Scored in the targets' unit: the kept evaluation's error is that of the answers.
+    final = run.summary["final"]
+    assert final["mse"] == pytest.approx(float(np.mean((values - eval_rows.label) ** 2)), rel=1e-3)
+    assert final["pearson"] >= 0.8 and values.max() > 1.5 and values.min() < -1.5
+    with Server(ServedModel.from_model(run.path, device="cpu")) as server:
+        status, served = status_and_json(server.url, "/predict", {"inputs": eval_rows.text[0]})
+    assert status == 200 and served[0]["score"] == pytest.approx(float(values[0]), abs=1e-4)
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text('{"text": "a b", "label": 1}\n{"text": "c d", "label": 7.5}\n', encoding="utf-8")
+    data = validate_config({"data": {"train_file": str(outside), "task": "regression", "label_range": [0, 5]}}).data
+    with pytest.raises(DataError, match=r"outside.jsonl: row 2: target 7.5 is outside data.label_range \[0, 5\]"):
+        prepare_splits(data)
+    with pytest.raises(ConfigError, match="data.label_range scales regression targets; data.task is single_label"):
+        validate_config({"data": {"source": "tweets", "label_range": [0, 1]}})
+    with pytest.raises(ConfigError, match="low must be below high"):
+        validate_config({"data": {"source": "stsb", "task": "regression", "label_range": [5, 0]}})
+
+
 @pytest.mark.parametrize("task,rows,metric", [("regression", regression_rows, "pearson"),
                                               ("multi_label", multi_label_rows, "f1_micro")])
 def test_a_study_of_another_task_reports_its_own_metrics(tiny_models, tmp_path, task, rows, metric):
@@ -209,8 +237,19 @@ def test_a_pair_run_predicts_on_pairs_as_it_was_evaluated(make_config, tmp_path)
         predict_file(run.path, files["eval_file"], tmp_path / "single.jsonl", text_column="premise",
                      show_progress=False)
     assert not (tmp_path / "single.jsonl").exists()
-    with pytest.raises(ServeError, match="trained on text pairs"):
-        ServedModel.from_model(run.path)
+    # Served as text-embeddings-inference takes pairs, with the token types the tokenizer gives a pair.
+    frame = pd.read_csv(files["eval_file"]).head(4)
+    expected = Classifier.from_run(run.path, device="cpu").probabilities(frame.premise.tolist(),
+                                                                           pairs=frame.hypothesis.tolist())
+    with Server(ServedModel.from_model(run.path, device="cpu")) as server:
+        status, served = status_and_json(server.url, "/predict",
+                                         {"inputs": [[a, b] for a, b in zip(frame.premise, frame.hypothesis)]})
+        one_status, one = status_and_json(server.url, "/predict", {"inputs": [frame.premise[0], frame.hypothesis[0]]})
+        single_status, refused = status_and_json(server.url, "/predict", {"inputs": "one text alone"})
+    assert status == 200 and one_status == 200 and one == served[0]
+    for answer, probabilities in zip(served, expected):
+        assert {a["label"]: a["score"] for a in answer} == pytest.approx(dict(zip(run.labels, probabilities)), abs=1e-5)
+    assert single_status == 422 and "trained on text pairs" in refused["error"]
 
 
 def test_thresholds_are_tuned_per_label_or_globally_to_maximise_f1():
@@ -237,3 +276,17 @@ def test_tuned_thresholds_are_kept_with_the_best_evaluation_and_used_by_predict(
     values = classifier.probabilities(["w1 good w2 bad", "w3 w4", "lovely w5", "awful w6"])
     for answer, row in zip(classifier.label_rows(values), values):
         assert answer["labels"] == [n for n, p, t in zip(classifier.labels, row, thresholds) if p >= t]
+    # The export keeps them in config.json, and serving the export marks labels by them.
+    from peftlab.serving.export import export_run
+
+    out = export_run(run.path, tmp_path / "export")
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["decision_thresholds"] == dict(zip(run.labels, thresholds))
+    assert exported["problem_type"] == "multi_label_classification" and "decision_thresholds" in (
+        out / "README.md").read_text()
+    with Server(ServedModel.from_model(out, device="cpu")) as server:
+        status, served = status_and_json(server.url, "/predict", {"inputs": ["w1 good w2 bad", "w3 w4"]})
+    assert status == 200
+    for answer, row in zip(served, values):
+        marked = {a["label"] for a in answer if a.get("predicted")}
+        assert marked == {n for n, p, t in zip(classifier.labels, row, thresholds) if p >= t}

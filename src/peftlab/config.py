@@ -73,6 +73,10 @@ class DataConfig(Strict):
     threshold per label, that maximise F1 on the eval split at each evaluation (micro F1, or each
     label's F1), kept with the best evaluation and used by predict. Tuned on the split they are scored
     on, the metrics are then optimistic."""
+    label_range: tuple[float, float] | None = None
+    """Regression: the targets' scale `[low, high]` (e.g. `[0, 5]`). The model learns them mapped onto
+    0-1 (a loss on the scale of a classification's, whatever the unit) and answers in the original
+    unit; a target outside the range is an error."""
     labels: list[str] | None = None
     """Fixed label order; by default the sorted labels seen in training."""
     encoding: str = "utf-8"
@@ -95,6 +99,11 @@ class DataConfig(Strict):
             raise ValueError("give either data.source or data.train_file/eval_file, not both")
         if self.eval_file is not None and self.train_file is None:
             raise ValueError("data.eval_file needs data.train_file")
+        if self.label_range is not None:
+            if self.task != "regression":
+                raise ValueError(f"data.label_range scales regression targets; data.task is {self.task}")
+            if not self.label_range[0] < self.label_range[1]:
+                raise ValueError(f"data.label_range {list(self.label_range)}: low must be below high")
         return self
 
 
@@ -187,6 +196,8 @@ SPEED_SWITCHES = tuple(name for name in SpeedConfig.model_fields if name != "all
 
 DEFAULT_WARMUP_RATIO = 0.06  # as in the recipes of docs/recipes.md (and RoBERTa's fine-tuning)
 
+# The head's learning rate that lets a multi-label head leave the label frequencies (docs/tasks.md).
+MULTI_LABEL_HEAD_LR = 3e-3
 METRICS = TASK_METRICS["single_label"]  # of the default task; each task's own: tasks.METRICS
 
 
@@ -206,6 +217,10 @@ class TrainConfig(Strict):
     """Batches whose gradients are accumulated into one optimizer step."""
     lr: float | None = Field(None, gt=0)
     """Peak learning rate; default the method kind's own (listed below)."""
+    head_lr: float | None = Field(None, gt=0)
+    """Peak learning rate of the task head (the layers on top of the encoder, which start from random);
+    default `lr`. Multi-label heads learn little more than each label's frequency at an encoder's learning
+    rate: there the default is at least 3e-3 (docs/tasks.md)."""
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay of the 2-D weights (biases, layer norms and other 1-D parameters get none)."""
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
@@ -328,6 +343,8 @@ class RunConfig(Strict):
         task, train = self.data.task, self.train
         if train.best_metric is None:
             train.best_metric = DEFAULT_BEST_METRIC[task]
+        if train.head_lr is None:
+            train.head_lr = max(train.lr, MULTI_LABEL_HEAD_LR) if task == "multi_label" else train.lr
         if train.best_metric not in TASK_METRICS[task]:
             raise ValueError(f"train.best_metric={train.best_metric} is not a metric of data.task={task} "
                              f"(its metrics: {', '.join(TASK_METRICS[task])})")

@@ -52,5 +52,6 @@ def predict(model: torch.nn.Module, loader, accelerator, plan: SpeedPlan, task: 
 def evaluate(model: torch.nn.Module, loader, accelerator, names: list[str], plan: SpeedPlan,
              task: str = "single_label", thresholds: str = "fixed") -> dict[str, Any]:
     predictions = predict(model, loader, accelerator, plan, task)
-    metrics = score(task, predictions.labels, predictions.logits, names, thresholds)
+    label_range = getattr(accelerator.unwrap_model(model).config, "label_range", None)  # models.load_classifier
+    metrics = score(task, predictions.labels, predictions.logits, names, thresholds, label_range)
     return {"eval_loss": float(predictions.losses.mean()), **metrics}

@@ -164,19 +164,26 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
     return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / total}
 
 
-def parameter_groups(model: nn.Module, method, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def parameter_groups(model: nn.Module, method, lr: float, weight_decay: float,
+                     head_lr: float | None = None) -> list[dict[str, Any]]:
     """Optimizer groups, decided on purpose:
 
     - 1-D parameters (biases, LayerNorm, IA3 vectors, DoRA magnitudes) get no weight decay;
     - for LoRA+, only the 2-D `lora_B` matrices learn at lr * lr_ratio (peft's helper would also
-      boost every 1-D parameter, the head's bias included).
+      boost every 1-D parameter, the head's bias included);
+    - the task head learns at `head_lr` where it is given (it starts from random, the encoder does not).
     """
     boosted_ratio = method.lr_ratio if isinstance(method, LoraPlusMethod) else None
-    decay, no_decay, boosted = [], [], []
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    in_head = ({id(p) for name in head_modules(base) for p in getattr(base, name).parameters()}
+               if head_lr is not None and head_lr != lr else set())
+    decay, no_decay, boosted, head = [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if boosted_ratio is not None and "lora_B" in name and param.ndim >= 2:
+        if id(param) in in_head:
+            head.append(param)
+        elif boosted_ratio is not None and "lora_B" in name and param.ndim >= 2:
             boosted.append(param)
         elif param.ndim < 2:
             no_decay.append(param)
@@ -186,6 +193,8 @@ def parameter_groups(model: nn.Module, method, lr: float, weight_decay: float) -
               {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"}]
     if boosted:
         groups.append({"params": boosted, "lr": lr * boosted_ratio, "weight_decay": weight_decay, "name": "lora_B"})
+    if head:
+        groups.append({"params": head, "lr": head_lr, "weight_decay": weight_decay, "name": "head"})
     return [g for g in groups if g["params"]]
 
 
@@ -284,5 +293,6 @@ def load_run_model(run) -> torch.nn.Module:
 
     labels = dict(enumerate(run.labels))
     return load_trained(run.model_dir, run.config.method,
-                        lambda: load_base(run.config.model, labels, run.config.data.task),
+                        lambda: load_base(run.config.model, labels, run.config.data.task,
+                                                          run.config.data.label_range),
                         allow_pickle=run.config.model.allow_pickle)

@@ -23,7 +23,7 @@ def _quiet_transformers() -> None:
 
 
 def load_classifier(name_or_path: str, labels: dict[int, str] | None = None, dtype: str = "float32",
-                    allow_pickle: bool = False, task: str | None = None) -> nn.Module:
+                    allow_pickle: bool = False, task: str | None = None, label_range=None) -> nn.Module:
     """A sequence classifier; with `labels`, a fresh head of that size and the label names."""
     from transformers import AutoModelForSequenceClassification
 
@@ -35,7 +35,7 @@ def load_classifier(name_or_path: str, labels: dict[int, str] | None = None, dty
     if task is not None:  # the head's loss and what its outputs mean, saved in config.json
         kwargs["problem_type"] = PROBLEM_TYPES[task]
     try:
-        return AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
         text = str(exc)
         if not allow_pickle and ("safetensors" in text or "model.safetensors" in text):
@@ -46,6 +46,9 @@ def load_classifier(name_or_path: str, labels: dict[int, str] | None = None, dty
         if "trust_remote_code" in text:
             raise ModelLoadError(f"model {name_or_path!r} needs remote code, which peftlab does not run") from None
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {text.splitlines()[0] if text else exc!r}") from None
+    if label_range is not None:  # a regression's unit (data.label_range), saved in config.json
+        model.config.label_range = [float(v) for v in label_range]
+    return model
 
 
 def model_type(name_or_path: str) -> str | None:
@@ -60,8 +63,8 @@ def model_type(name_or_path: str) -> str | None:
         return None
 
 
-def load_base(cfg: ModelConfig, labels: dict[int, str], task: str = "single_label") -> nn.Module:
-    return load_classifier(resolve_model_name(cfg.name), labels, cfg.dtype, cfg.allow_pickle, task)
+def load_base(cfg: ModelConfig, labels: dict[int, str], task: str = "single_label", label_range=None) -> nn.Module:
+    return load_classifier(resolve_model_name(cfg.name), labels, cfg.dtype, cfg.allow_pickle, task, label_range)
 
 
 def load_tokenizer(name_or_path: str):

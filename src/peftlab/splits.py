@@ -18,6 +18,8 @@ from peftlab.tasks import REGRESSION_NAME
 class Labels:
     names: list[str]
     task: str = "single_label"
+    label_range: tuple[float, float] | None = None
+    """Regression: the targets' `[low, high]`, mapped onto 0-1 for training (data.label_range)."""
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -31,7 +33,15 @@ class Labels:
         """Label ids (single-label), 0/1 rows (multi-label) or targets (regression); a label outside the
         set names its row."""
         if self.task == "regression":
-            return np.asarray(table.labels, dtype=np.float32)
+            targets = np.asarray(table.labels, dtype=np.float64)
+            if self.label_range is None:
+                return targets.astype(np.float32)
+            low, high = self.label_range
+            outside = np.flatnonzero((targets < low) | (targets > high))
+            if len(outside):
+                raise DataError(f"{table.origin}: row {table.rows[outside[0]]}: target {targets[outside[0]]:g} is "
+                                f"outside data.label_range [{low:g}, {high:g}]")
+            return ((targets - low) / (high - low)).astype(np.float32)
         mapping = self.label2id
         multi = self.task == "multi_label"
         ids = np.zeros((len(table), len(self.names)), dtype=np.float32) if multi else np.empty(len(table), np.int64)
@@ -50,11 +60,12 @@ class Labels:
         return ids
 
 
-def derive_labels(train: Table, fixed: list[str] | None, task: str = "single_label") -> Labels:
+def derive_labels(train: Table, fixed: list[str] | None, task: str = "single_label",
+                  label_range: tuple[float, float] | None = None) -> Labels:
     if task == "regression":
         if fixed is not None:
             raise DataError("data.labels names classes; data.task=regression has a number per text")
-        return Labels([REGRESSION_NAME], task)
+        return Labels([REGRESSION_NAME], task, label_range)
     if fixed is not None:
         if len(set(fixed)) != len(fixed):
             raise DataError(f"data.labels has duplicates: {fixed}")
@@ -93,7 +104,7 @@ class Splits:
 def prepare_splits(cfg: DataConfig) -> Splits:
     """Load, validate, hold out, subsample; every bad row is reported before any training."""
     train, evaluation = load_tables(cfg)
-    labels = derive_labels(train, cfg.labels, cfg.task)
+    labels = derive_labels(train, cfg.labels, cfg.task, cfg.label_range)
     train_ids = labels.encode(train, "train")
     sample = stratified_sample if cfg.task == "single_label" else _random_sample  # classes to stratify by
     if evaluation is None:

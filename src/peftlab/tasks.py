@@ -74,26 +74,33 @@ def per_example_loss(task: str, logits: Any, labels: Any):
     return F.cross_entropy(logits, labels, reduction="none")
 
 
-def outputs(task: str, logits: np.ndarray) -> np.ndarray:
-    """What the head's logits mean: class probabilities (softmax, or a sigmoid per class) or the value."""
+def outputs(task: str, logits: np.ndarray, label_range: Any = None) -> np.ndarray:
+    """What the head's logits mean: class probabilities (softmax, or a sigmoid per class) or the value
+    (in the original unit where the run learnt its targets mapped from `label_range` onto 0-1)."""
     if task == "regression":
-        return logits[:, 0]
+        return logits[:, 0] if label_range is None else to_range(logits[:, 0], label_range)
     if task == "multi_label":
         return 1.0 / (1.0 + np.exp(-logits))
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return np.exp(shifted) / np.exp(shifted).sum(axis=-1, keepdims=True)
 
 
+def to_range(values: np.ndarray, label_range: Any) -> np.ndarray:
+    """Values learnt on 0-1 back in the unit of `label_range` ([low, high])."""
+    low, high = label_range
+    return low + (high - low) * values
+
+
 def score(task: str, labels: np.ndarray, logits: np.ndarray, names: list[str],
-          thresholds: str = "fixed") -> dict[str, Any]:
+          thresholds: str = "fixed", label_range: Any = None) -> dict[str, Any]:
     """The task's metrics of gathered logits against the labels; multi-label at the decision
     thresholds `thresholds` asks for (`fixed`, or tuned on these labels: `global`, `per_label`), which
-    the metrics record under "thresholds"."""
+    the metrics record under "thresholds"; regression in the targets' own unit."""
     from peftlab import metrics
 
-    values = outputs(task, logits)
+    values = outputs(task, logits, label_range)
     if task == "regression":
-        return metrics.regression_metrics(labels, values)
+        return metrics.regression_metrics(labels if label_range is None else to_range(labels, label_range), values)
     if task == "multi_label":
         chosen = tuned_thresholds(labels, values, thresholds)
         return metrics.multi_label_metrics(labels, values, values >= chosen, names) | {"thresholds": chosen.tolist()}

@@ -43,6 +43,8 @@ class Adapter:
     key: str = "default"
     task: str = "single_label"  # what the head's outputs mean (tasks.py)
     thresholds: list[float] | None = None  # multi-label decision thresholds kept with the run
+    label_range: list[float] | None = None  # a regression's unit (data.label_range)
+    pairs: bool = False  # trained on text pairs (data.text_pair_column): takes pairs only
 
 
 @dataclass
@@ -80,7 +82,6 @@ class ServedModel:
         for name, path in specs:
             _check_name(name, runs)
             run = load_run(path)
-            _check_single_texts(run)
             if run.config.method.kind in ("full", "head"):
                 raise ServeError(f"adapter {name!r}: {path} is a {run.config.method.kind} run with no adapter; "
                                  "serve it alone with --model")
@@ -109,7 +110,8 @@ class ServedModel:
         _route_heads_by_row(model)
         adapters = {name: Adapter(name, str(run.path), run.labels, run.config.model.max_length,
                                   run.config.method.kind, _mixable(model, keys[name]), keys[name],
-                                  run.config.data.task, run.summary["best"].get("thresholds"))
+                                  run.config.data.task, run.summary["best"].get("thresholds"),
+                                  run.config.data.label_range, run.config.data.text_pair_column is not None)
                     for name, run in runs.items()}
         target = _device(device)
         plan = inference_plan(first.config.speed, target, model.config.model_type)
@@ -135,18 +137,21 @@ class ServedModel:
             kind, base = run.config.method.kind, run.config.model.name
             speed = run.config.speed
             task, thresholds = run.config.data.task, run.summary["best"].get("thresholds")
-            _check_single_texts(run)
+            pairs = run.config.data.text_pair_column is not None
         elif (path / "config.json").is_file():
             model, tokenizer = load_classifier(str(path)), load_tokenizer(str(path))
             labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
             length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
             kind, base = "merged", path.name
             speed = SpeedConfig()
-            task, thresholds = tasks.TASK_OF_PROBLEM.get(model.config.problem_type, "single_label"), None
+            task = tasks.TASK_OF_PROBLEM.get(model.config.problem_type, "single_label")
+            kept = getattr(model.config, "decision_thresholds", None)  # serving.export.keep_task_settings
+            thresholds = [kept[label] for label in labels] if kept else None
+            pairs = bool(getattr(model.config, "text_pair_column", None))
         else:
             raise ServeError(f"{path} is neither a finished run nor a model directory with config.json")
         adapter = Adapter(name, str(path), labels, max_length or length, kind, mixable=False, task=task,
-                          thresholds=thresholds)
+                          thresholds=thresholds, label_range=getattr(model.config, "label_range", None), pairs=pairs)
         from peftlab.methods import is_peft
 
         plan = inference_plan(speed, target, model.config.model_type)
@@ -162,13 +167,13 @@ class ServedModel:
         array has that adapter's number of labels)."""
         from peftlab.serving.inference import padded_inputs
 
-        inputs = padded_inputs(self.tokenizer, ids, self.device)
+        inputs = padded_inputs(self.tokenizer, ids, self.device, self._token_types(ids, adapters))
         out: list[np.ndarray] = [np.empty(0)] * len(ids)
 
         def answer(rows: list[int], logits: torch.Tensor) -> None:
             for row, values in zip(rows, logits.float().cpu().numpy()):
                 adapter = self.adapters[adapters[row]]  # its head's columns (mixed passes pad the others)
-                out[row] = tasks.outputs(adapter.task, values[None, : len(adapter.labels)])[0]
+                out[row] = tasks.outputs(adapter.task, values[None, : len(adapter.labels)], adapter.label_range)[0]
 
         groups = self._groups(adapters)
         for rows, adapter_names in groups:
@@ -183,6 +188,16 @@ class ServedModel:
                         self.model.set_adapter(key)
                     answer(rows, self.model(**{k: v[rows] for k, v in inputs.items()}).logits)
         return out
+
+    def _token_types(self, ids: list[list[int]], adapters: list[str]) -> list[list[int]] | None:
+        """Token types of the rows of pair adapters, where the model takes them: 0 up to the first
+        separator, 1 after it (as the tokenizer pairs them); other rows are all 0, as without types."""
+        if "token_type_ids" not in self.tokenizer.model_input_names or not any(
+                self.adapters[a].pairs for a in set(adapters)):
+            return None
+        sep = self.tokenizer.sep_token_id
+        return [[0] * (row.index(sep) + 1) + [1] * (len(row) - row.index(sep) - 1)
+                if self.adapters[a].pairs and sep in row else [0] * len(row) for row, a in zip(ids, adapters)]
 
     def _groups(self, adapters: list[str]) -> list[tuple[list[int], list[str] | None]]:
         """Where rows are mixed (`mix_rows`), the rows of two or more mixable adapters go in one pass
@@ -202,15 +217,9 @@ class ServedModel:
         return {"base": self.base, "device": str(self.device),
                 # the run's name, not its path: clients need not learn the server's file system
                 "adapters": {a.name: {"labels": a.labels, "max_length": a.max_length, "method": a.method,
-                                      "run": Path(a.source).name, "mixed_batches": a.mixable}
+                                      "run": Path(a.source).name, "mixed_batches": a.mixable,
+                                      "task": a.task, "text_pairs": a.pairs}
                              for a in self.adapters.values()}}
-
-
-def _check_single_texts(run) -> None:
-    """The server answers single texts; a run trained on text pairs is answered by `peftlab predict`."""
-    if run.config.data.text_pair_column:
-        raise ServeError(f"{run.path} was trained on text pairs; peftlab serve answers single texts "
-                         "(use peftlab predict --text-pair-column for it)")
 
 
 def _check_name(name: str, taken: dict) -> None:

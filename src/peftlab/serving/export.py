@@ -12,6 +12,7 @@ import torch
 
 from peftlab.errors import ExportError
 from peftlab.runs import FinishedRun, is_empty_dir, load_run, replace_directory
+from peftlab.tasks import METRICS
 
 # Marks a directory as peftlab's export: the only thing besides an empty directory that an export
 # may replace, and that only with --force.
@@ -34,6 +35,17 @@ def merged_model(run: FinishedRun) -> torch.nn.Module:
         if not torch.isfinite(param).all():
             raise ExportError(f"{run.path}: weight {name} is not finite; nothing exported")
     return model.eval()
+
+
+def keep_task_settings(config, run: FinishedRun) -> None:
+    """What answering needs besides the weights, into config.json: a multi-label run's tuned decision
+    thresholds (`decision_thresholds`, label -> threshold) and a pair run's second column
+    (`text_pair_column`); `problem_type` and a regression's `label_range` are there already."""
+    thresholds = run.summary["best"].get("thresholds")
+    if thresholds is not None:
+        config.decision_thresholds = dict(zip(run.labels, thresholds))
+    if run.config.data.text_pair_column:
+        config.text_pair_column = run.config.data.text_pair_column
 
 
 def is_export(path: Path) -> bool:
@@ -68,6 +80,7 @@ def export_run(path: Path | str, out: Path, onnx: bool = False, force: bool = Fa
     check_export_target(out, force)  # before any work
     run = load_run(path)
     model = merged_model(run)
+    keep_task_settings(model.config, run)
     tokenizer = load_tokenizer(str(run.model_dir))
     tokenizer.model_max_length = run.config.model.max_length  # what the model was trained on; serve reads it
 
@@ -125,12 +138,28 @@ class _LogitsOnly(torch.nn.Module):
         return self.model(**dict(zip(self.names, tensors))).logits
 
 
+def _answering(run: FinishedRun) -> str:
+    """How the logits become answers, where it is more than a softmax's best class."""
+    data = run.config.data
+    lines = []
+    if data.task == "multi_label":
+        lines.append("Multi-label: a sigmoid per label; a label is predicted at or above its threshold "
+                     "(`decision_thresholds` in config.json, 0.5 where absent).")
+    if data.task == "regression":
+        unit = (f" The model learnt targets mapped from `label_range` {list(data.label_range)} onto 0-1: the "
+                "answer is low + (high - low) x logit.") if data.label_range else ""
+        lines.append(f"Regression: the one logit is the predicted value.{unit}")
+    if data.text_pair_column:
+        lines.append(f"Trained on text pairs (second text: `{data.text_pair_column}`): "
+                     "`tokenizer(text, text_pair)`.")
+    return "".join(f"\n{line}\n" for line in lines)
+
+
 def model_card(run: FinishedRun) -> str:
     summary, config = run.summary, run.config
     best = summary["best"]
-    metrics = "\n".join(f"| {key} | {best[key]:.4f} |" for key in ("accuracy", "f1_macro", "f1_weighted",
-                                                                  "precision_macro", "recall_macro", "eval_loss")
-                        if key in best)
+    metrics = "\n".join(f"| {key} | {best[key]:.4f} |" for key in METRICS[config.data.task]
+                        if isinstance(best.get(key), float))
     data = summary.get("data", {})
     return f"""---
 library_name: transformers
@@ -144,7 +173,7 @@ tags: [peftlab, {config.method.kind}]
 A text classifier fine-tuned with peftlab: method `{config.method.kind}` on `{config.model.name}`
 ({summary['trainable_params']:,} trainable parameters, {100 * summary['trainable_share']:.3f}% of
 {summary['total_params']:,}), adapters merged into the weights. Labels: {', '.join(run.labels)}.
-
+{_answering(run)}
 Loads with plain transformers, no peft needed:
 
 ```python

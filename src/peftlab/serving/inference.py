@@ -83,7 +83,7 @@ class Classifier:
                 batch = padded_inputs(self.tokenizer, [ids[i] for i in rows], self.device,
                                       None if types is None else [types[i] for i in rows])
                 logits[rows] = self.model(**batch).logits.float().cpu().numpy()
-        return tasks.outputs(self.task, logits)
+        return tasks.outputs(self.task, logits, getattr(self.model.config, "label_range", None))
 
     def label_rows(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
         """One answer per text (tasks.answer): label and probabilities; labels above the threshold; or the value."""

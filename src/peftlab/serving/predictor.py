@@ -86,17 +86,16 @@ class Predictor:
         unknown = sorted(set(request) - {"inputs", "adapter", "truncate"})
         if unknown:
             raise RequestError(422, "Validation", f"unknown field(s) {unknown}; expected inputs, adapter, truncate")
-        inputs, single = request["inputs"], isinstance(request["inputs"], str)
-        texts = [inputs] if single else inputs
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise RequestError(422, "Validation", '"inputs" must be a string or a list of strings')
-        if not texts or any(not t.strip() for t in texts):
-            which = "" if not texts else f" (input {next(i for i, t in enumerate(texts) if not t.strip())})"
+        adapter = self.adapter_of(request.get("adapter"))
+        texts, single = self._inputs(request["inputs"], self.served.adapters[adapter].pairs)
+        flat = [(i, t) for i, item in enumerate(texts) for t in ((item,) if isinstance(item, str) else item)]
+        if not texts or any(not t.strip() for _, t in flat):
+            which = "" if not texts else f" (input {next(i for i, t in flat if not t.strip())})"
             raise RequestError(400, "Empty", f"empty input{which}: send at least one non-blank text")
         if len(texts) > self.settings.max_batch_inputs:
             raise RequestError(413, "Validation", f"{len(texts)} inputs is more than this server's batch limit "
                                                   f"of {self.settings.max_batch_inputs}; split the request")
-        for i, text in enumerate(texts):
+        for i, text in flat:
             if len(text) > self.settings.max_text_chars:
                 raise RequestError(413, "Validation", f"input {i} has {len(text)} characters, over this server's "
                                                       f"limit of {self.settings.max_text_chars} characters a text")
@@ -108,7 +107,27 @@ class Predictor:
         truncate = request.get("truncate", self.settings.auto_truncate)
         if not isinstance(truncate, bool):
             raise RequestError(422, "Validation", '"truncate" must be true or false')
-        return texts, single, self.adapter_of(request.get("adapter")), truncate
+        return texts, single, adapter, truncate
+
+    @staticmethod
+    def _inputs(inputs: Any, pairs: bool) -> tuple[list, bool]:
+        """The request's texts (a list of them), and whether it sent one. An adapter trained on text
+        pairs takes `[a, b]` or `[[a, b], ...]` (text-embeddings-inference's shape for pairs)."""
+        if not pairs:
+            texts = [inputs] if isinstance(inputs, str) else inputs
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise RequestError(422, "Validation", '"inputs" must be a string or a list of strings')
+            return texts, isinstance(inputs, str)
+
+        def is_pair(item: Any) -> bool:
+            return isinstance(item, list) and len(item) == 2 and all(isinstance(t, str) for t in item)
+
+        if is_pair(inputs):
+            return [tuple(inputs)], True
+        if not isinstance(inputs, list) or not all(is_pair(item) for item in inputs):
+            raise RequestError(422, "Validation", 'this adapter was trained on text pairs: "inputs" must be a '
+                                                  'pair [text, text_pair] or a list of pairs [[text, text_pair], ...]')
+        return [tuple(item) for item in inputs], False
 
     def adapter_of(self, name: Any) -> str:
         adapters = self.served.adapters
@@ -129,14 +148,18 @@ class Predictor:
             raise timeout_error(self.settings)
         try:
             # One token over the limit is enough to tell an over-long text from one that fits.
-            texts = [self.covering_prefix(t, limit + 1) for t in texts]
-            ids = self.served.tokenizer(texts, truncation=True, max_length=limit + 1)["input_ids"]
+            pairs = bool(texts) and not isinstance(texts[0], str)
+            firsts = [self.covering_prefix(t[0] if pairs else t, limit + 1) for t in texts]
+            seconds = [self.covering_prefix(t[1], limit + 1) for t in texts] if pairs else None
+            texts = (firsts, seconds) if pairs else (firsts,)
+            ids = self.served.tokenizer(*texts, truncation=True, max_length=limit + 1)["input_ids"]
             long = [i for i, x in enumerate(ids) if len(x) > limit]
             if long and not truncate:
                 raise RequestError(413, "Validation", f"input {long[0]} is longer than {limit} tokens, the "
                                                       f"model's limit; send \"truncate\": true to cut it")
             if long:
-                cut = self.served.tokenizer([texts[i] for i in long], truncation=True, max_length=limit)["input_ids"]
+                cut = self.served.tokenizer(*([part[i] for i in long] for part in texts), truncation=True,
+                                            max_length=limit)["input_ids"]
                 for i, x in zip(long, cut):
                     ids[i] = x
         finally:

@@ -101,7 +101,8 @@ def _train(config: RunConfig, resume: str | Path | None, after_eval: Callable[[d
             say(f"peftlab: set aside the checkpoint after the one resumed from, as {path.name}")
     load_scorers()
     set_seed(config.train.seed)
-    model = apply_method(load_base(config.model, data.splits.labels.id2label, config.data.task), config.method)
+    model = apply_method(load_base(config.model, data.splits.labels.id2label, config.data.task,
+                                   config.data.label_range), config.method)
     counts = count_parameters(model)  # before the seen rows: all of the embedding matrix is trained
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
     forced = {name for name in SPEED_SWITCHES if getattr(config.speed, name) is True}
@@ -172,7 +173,8 @@ def _training_parts(config: RunConfig, data, model, accelerator, plan: SpeedPlan
                                pad_to_multiple_of=GRAPH_LENGTH_STEP if plan.cuda_graphs else pad_multiple,
                                max_width=config.model.max_length, balanced=config.data.sampler == "balanced")
     # The fused kernel updates all tensors in one pass, and takes folded clipping's scale.
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.method, cfg.lr, cfg.weight_decay), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.method, cfg.lr, cfg.weight_decay, cfg.head_lr),
+                                  lr=cfg.lr,
                                   fused=True)
     follow_optimizer(model, optimizer)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(
