@@ -82,6 +82,12 @@ def test_binary_metrics_add_the_areas_balanced_accuracy_and_matthews_correlation
     assert np.isnan(one_class["roc_auc"]) and one_class["accuracy"] == 1.0
     three = classification_metrics(np.array([0, 1, 2]), np.array([0, 1, 1]), ["a", "b", "c"], np.eye(3))
     assert "roc_auc" not in three and "mcc" in three
+    # A class the evaluation rows lack and nothing predicts is left out of the averages, not scored 0
+    # (a small eval split of a long tail misses some classes); a class predicted but absent counts.
+    missing = classification_metrics(np.array([0, 0, 1]), np.array([0, 0, 1]), ["a", "b", "c"], np.eye(3))
+    assert missing["f1_macro"] == 1.0 and missing["per_class"]["c"]["support"] == 0
+    wrong = classification_metrics(np.array([0, 0, 1]), np.array([0, 2, 1]), ["a", "b", "c"], np.eye(3))
+    assert wrong["f1_macro"] == pytest.approx((2 / 3 + 1 + 0) / 3)
 
 
 def test_label_settings_are_checked_against_the_data_before_any_model_loads(make_config, tmp_path):

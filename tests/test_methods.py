@@ -151,13 +151,13 @@ def test_the_head_learns_at_its_own_rate(tiny_models, arch, kind):
 
 
 def test_head_lr_defaults_to_lr_but_multi_label_heads_learn_faster():
-    single = validate_config({"data": {"source": "tweets"}, "method": {"kind": "full"}}).train
+    single = validate_config({"data": {"source": "tweets"}, "method": {"kind": "full"}})
     multi = validate_config({"data": {"source": "attack-tactics", "task": "multi_label"}, "method": {"kind": "full"}})
-    assert single.head_lr == single.lr == 5e-5 and multi.train.head_lr == 3e-3
+    assert single.head_learning_rate() == single.train.lr == 5e-5 and multi.head_learning_rate() == 3e-3
     ia3 = validate_config({"data": {"source": "attack-tactics", "task": "multi_label"}, "method": {"kind": "ia3"}})
-    assert ia3.train.head_lr == ia3.train.lr == 1e-2  # never slower than the rest
-    chosen = validate_config({"data": {"source": "tweets"}, "train": {"head_lr": 1e-3}}).train
-    assert chosen.head_lr == 1e-3
+    assert ia3.head_learning_rate() == ia3.train.lr == 1e-2  # never slower than the rest
+    chosen = validate_config({"data": {"source": "tweets"}, "train": {"head_lr": 1e-3}})
+    assert chosen.head_learning_rate() == 1e-3
 
 
 def test_pickle_only_model_is_refused(tiny_models, tmp_path):

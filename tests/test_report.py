@@ -16,7 +16,7 @@ from peftlab.studies.running import run_study
 from peftlab.studies.study import load_study
 
 FIGURES = {"quality_vs_params.png", "quality_vs_time.png", "learning_curves.png", "sweep_r.png",
-           "confusion_matrix.png"}
+           "confusion_matrix.png", "reliability.png"}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,8 @@ def test_report_has_every_table_and_figure(finished_study):
         assert title in markdown
     rows = {line.split(" | ")[0].strip("| "): line for line in markdown.splitlines() if line.startswith("| ")}
     assert {"full", "lora, r=2", "lora, r=4"} <= set(rows)
+    quality = markdown.split("### Quality")[1].split("###")[0]
+    assert "| ECE |" in quality and "| ECE calibrated |" in quality
     page = (out / "report.html").read_text()
     assert page.count("src='data:image/png;base64,") == len(FIGURES)  # self-contained
 

@@ -18,7 +18,7 @@ from peftlab.errors import ConfigError, DataError
 from peftlab.metrics import multi_label_metrics, regression_metrics
 from peftlab.runs import load_run
 from peftlab.serving.adapters import ServedModel
-from peftlab.serving.inference import Classifier
+from peftlab.serving.inference import Classifier, calibrated_thresholds
 from peftlab.splits import prepare_splits
 from peftlab.training.reevaluate import evaluate_run
 from peftlab.training.run import train
@@ -271,11 +271,19 @@ def test_tuned_thresholds_are_kept_with_the_best_evaluation_and_used_by_predict(
     run = load_run(train(config))
     thresholds = run.summary["best"]["thresholds"]
     assert len(thresholds) == 2 and all(0.05 <= t <= 0.95 for t in thresholds)
+    texts = ["w1 good w2 bad", "w3 w4", "lovely w5", "awful w6"]
+    raw = Classifier.from_run(run.path, device="cpu", raw=True)
+    assert raw.thresholds == thresholds
+    raw_answers = raw.label_rows(raw.probabilities(texts))
+    for answer, row in zip(raw_answers, raw.probabilities(texts)):
+        assert answer["labels"] == [n for n, p, t in zip(raw.labels, row, thresholds) if p >= t]
+    # Calibrated (a temperature per label), the thresholds move with the probabilities: the same labels.
     classifier = Classifier.from_run(run.path, device="cpu")
-    assert classifier.thresholds == thresholds
-    values = classifier.probabilities(["w1 good w2 bad", "w3 w4", "lovely w5", "awful w6"])
-    for answer, row in zip(classifier.label_rows(values), values):
-        assert answer["labels"] == [n for n, p, t in zip(classifier.labels, row, thresholds) if p >= t]
+    temperature = run.summary["best"]["temperature"]
+    assert len(temperature) == 2 and classifier.thresholds == calibrated_thresholds(thresholds, temperature)
+    values = classifier.probabilities(texts)
+    assert [a["labels"] for a in classifier.label_rows(values)] == [a["labels"] for a in raw_answers]
+    thresholds = classifier.thresholds
     # The export keeps them in config.json, and serving the export marks labels by them.
     from peftlab.serving.export import export_run
 

@@ -28,17 +28,40 @@ class LengthGroupedBatches:
     MEGABATCH = 50  # batches per sorted window: small enough to keep the order random
 
     def __init__(self, lengths: np.ndarray, batch_size: int, shuffle: bool, group_by_length: bool, seed: int = 0,
-                 weights: np.ndarray | None = None):
+                 weights: np.ndarray | None = None, documents: np.ndarray | None = None,
+                 max_per_document: int | None = None):
         self.lengths, self.batch_size = lengths, batch_size
         self.shuffle, self.group_by_length, self.seed = shuffle, group_by_length, seed
         self.weights = weights  # each example's chance to be drawn, with replacement (data.sampler: balanced)
+        # Windows of long texts (data.max_chunks_per_doc): at most this many rows of a text an epoch.
+        self.documents = documents if shuffle and max_per_document else None
+        self.max_per_document = max_per_document
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        return math.ceil(self._rows_an_epoch() / self.batch_size)
+
+    def _rows_an_epoch(self) -> int:
+        if self.documents is None:
+            return len(self.lengths)
+        return int(np.minimum(np.bincount(self.documents), self.max_per_document).sum())
+
+    def _drawn(self, rng: np.random.Generator) -> np.ndarray:
+        """This epoch's rows in random order: all, or at most `max_per_document` windows of a text."""
+        order = rng.permutation(len(self.lengths))
+        if self.documents is not None:
+            by_text = np.argsort(self.documents[order], kind="stable")
+            starts = np.searchsorted(self.documents[order][by_text], self.documents[order][by_text])
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[by_text] = np.arange(len(order)) - starts  # place of each row among its text's, in `order`
+            order = order[rank < self.max_per_document]
+        if self.weights is not None:
+            chance = self.weights[order] / self.weights[order].sum()
+            order = rng.choice(order, size=len(order), replace=True, p=chance)
+        return order
 
     def __iter__(self) -> Iterator[list[int]]:
         n, size = len(self.lengths), self.batch_size
@@ -47,7 +70,8 @@ class LengthGroupedBatches:
             yield from (order[i : i + size].tolist() for i in range(0, n, size))
             return
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(n) if self.weights is None else rng.choice(n, size=n, replace=True, p=self.weights)
+        order = self._drawn(rng)
+        n = len(order)
         if not self.group_by_length:
             yield from (order[i : i + size].tolist() for i in range(0, n, size))
             return
@@ -120,9 +144,10 @@ def balanced_weights(labels: np.ndarray) -> np.ndarray:
 
 def make_loader(encoded: Encoded, batch_size: int, shuffle: bool, group_by_length: bool, seed: int,
                 pad_id: int, pad_to_multiple_of: int = 1, max_width: int | None = None,
-                balanced: bool = False) -> torch.utils.data.DataLoader:
+                balanced: bool = False, max_per_document: int | None = None) -> torch.utils.data.DataLoader:
     weights = balanced_weights(encoded.labels) if balanced and shuffle else None
-    sampler = LengthGroupedBatches(encoded.lengths, batch_size, shuffle, group_by_length, seed, weights)
+    sampler = LengthGroupedBatches(encoded.lengths, batch_size, shuffle, group_by_length, seed, weights,
+                                   encoded.documents, max_per_document)
     # Pinned batches go to a GPU without the host waiting for the copy (accelerate sends them with
     # non_blocking, see make_accelerator), so it can prepare the next step meanwhile.
     return torch.utils.data.DataLoader(EncodedDataset(encoded), batch_sampler=sampler,

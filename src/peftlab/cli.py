@@ -134,7 +134,7 @@ def _predict(args: argparse.Namespace) -> int:
     from peftlab.serving.predict import predict_file
 
     rows = predict_file(args.run, args.input, args.output, args.text_column, args.batch_size,
-                        pair_column=args.text_pair_column)
+                        pair_column=args.text_pair_column, raw=args.raw_scores, abstain_below=args.abstain_below)
     if args.output:
         print(f"{rows} predictions written to {args.output}", file=sys.stderr)
     return 0
@@ -143,7 +143,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from peftlab.serving.export import export_run
 
-    out = export_run(args.run, args.merged, onnx=args.onnx, force=args.force)
+    out = export_run(args.run, args.merged, onnx=args.onnx, force=args.force, raw=args.raw_scores)
     print(f"exported {args.run} to {out}" + (" (with model.onnx, checked with onnxruntime)" if args.onnx else ""))
     return 0
 
@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--text-pair-column", default=None,
                          help="column or field holding the second text, for a run trained on text pairs")
     predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--raw-scores", action="store_true",
+                         help="the model's own probabilities, not those calibrated on the eval split")
+    predict.add_argument("--abstain-below", type=float, default=None, metavar="P",
+                         help="mark rows whose top probability is below P (\"abstain\": true)")
     predict.set_defaults(func=_predict)
 
     export = commands.add_parser("export", help="write a run as a plain transformers model (adapters merged)")
@@ -260,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--onnx", action="store_true", help="also write model.onnx, verified with onnxruntime")
     export.add_argument("--force", action="store_true",
                         help="replace an earlier peftlab export at --merged (never anything else)")
+    export.add_argument("--raw-scores", action="store_true",
+                        help="keep the head as trained (default: divided by the calibration temperature)")
     export.set_defaults(func=_export)
 
     serve = commands.add_parser(

@@ -11,6 +11,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from peftlab.data_config import DataConfig
 from peftlab.method_configs import DEFAULT_LR, LoraMethod, MethodConfig
 from peftlab.tasks import ALL_METRICS, DEFAULT_BEST_METRIC
 from peftlab.tasks import METRICS as TASK_METRICS
@@ -32,79 +33,6 @@ class ModelConfig(Strict):
     """Dtype the weights are loaded in (mixed precision is `train.precision`)."""
     allow_pickle: bool = False
     """Allow loading `pytorch_model.bin` (pickle) when a model has no safetensors."""
-
-
-# --------------------------------------------------------------------------- data
-
-
-class DataConfig(Strict):
-    """Where the labelled texts come from: a hub dataset or alias (`source`), or local files (`train_file`,
-    optionally `eval_file`), never both. Every row is checked before a model loads."""
-
-    source: str | None = None
-    """Hub dataset name (`imdb`, `ag_news`) or offline alias `tweets` (the packaged tweet corpus); or leave
-    empty and give files."""
-    hub_config: str | None = None
-    """Hub dataset configuration (subset) name."""
-    train_file: Path | None = None
-    """Local csv / tsv / jsonl / parquet file with training rows."""
-    eval_file: Path | None = None
-    """Local file with evaluation rows; without it `eval_fraction` of the training rows is held out."""
-    train_split: str = "train"
-    """Hub split used for training."""
-    eval_split: str | None = "test"
-    """Hub split used for evaluation; null holds out `eval_fraction` of the train split."""
-    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    """Share of the training rows held out (stratified, seeded) for evaluation when there is no eval file or
-    split."""
-    text_column: str | None = None
-    """Defaults to the source's own text column (`text` for files)."""
-    text_pair_column: str | None = None
-    """Second text of a pair (e.g. NLI hypothesis)."""
-    label_column: str | None = None
-    """Defaults to the source's own label column (`label` for files)."""
-    task: Literal["single_label", "multi_label", "regression"] = "single_label"
-    """What a label is: one class per text; `multi_label`: any number of classes per text (a list, or
-    names joined by `label_separator`; none is allowed); `regression`: a number per text."""
-    label_separator: str = ","
-    """Multi-label cells given as text (csv, tsv): the character that separates a text's labels."""
-    thresholds: Literal["fixed", "global", "per_label"] = "fixed"
-    """Multi-label decision thresholds: `fixed` at 0.5; `global`: the one threshold, `per_label`: a
-    threshold per label, that maximise F1 on the eval split at each evaluation (micro F1, or each
-    label's F1), kept with the best evaluation and used by predict. Tuned on the split they are scored
-    on, the metrics are then optimistic."""
-    label_range: tuple[float, float] | None = None
-    """Regression: the targets' scale `[low, high]` (e.g. `[0, 5]`). The model learns them mapped onto
-    0-1 (a loss on the scale of a classification's, whatever the unit) and answers in the original
-    unit; a target outside the range is an error."""
-    labels: list[str] | None = None
-    """Fixed label order; by default the sorted labels seen in training."""
-    encoding: str = "utf-8"
-    """Text encoding of csv / jsonl files (e.g. latin-1)."""
-    n_train: int | None = Field(None, ge=1)
-    """Stratified, seeded subsample of the training rows."""
-    n_eval: int | None = Field(None, ge=1)
-    """Stratified, seeded subsample of the evaluation rows."""
-    seed: int = 42
-    """Seed of subsampling and held-out splits (kept apart from `train.seed`, so seeds vary only training)."""
-    sampler: Literal["random", "balanced"] = "random"
-    """Training order: `random` (each example once an epoch) or `balanced` (examples drawn with
-    replacement, each class equally often: the rare classes over-sampled); an epoch keeps its length."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "DataConfig":
-        if self.source is None and self.train_file is None:
-            raise ValueError("give data.source (hub dataset or alias) or data.train_file")
-        if self.source is not None and (self.train_file or self.eval_file):
-            raise ValueError("give either data.source or data.train_file/eval_file, not both")
-        if self.eval_file is not None and self.train_file is None:
-            raise ValueError("data.eval_file needs data.train_file")
-        if self.label_range is not None:
-            if self.task != "regression":
-                raise ValueError(f"data.label_range scales regression targets; data.task is {self.task}")
-            if not self.label_range[0] < self.label_range[1]:
-                raise ValueError(f"data.label_range {list(self.label_range)}: low must be below high")
-        return self
 
 
 # --------------------------------------------------------------------------- speed
@@ -343,8 +271,6 @@ class RunConfig(Strict):
         task, train = self.data.task, self.train
         if train.best_metric is None:
             train.best_metric = DEFAULT_BEST_METRIC[task]
-        if train.head_lr is None:
-            train.head_lr = max(train.lr, MULTI_LABEL_HEAD_LR) if task == "multi_label" else train.lr
         if train.best_metric not in TASK_METRICS[task]:
             raise ValueError(f"train.best_metric={train.best_metric} is not a metric of data.task={task} "
                              f"(its metrics: {', '.join(TASK_METRICS[task])})")
@@ -354,6 +280,33 @@ class RunConfig(Strict):
             raise ValueError(f"data.sampler=balanced draws each class alike; it needs data.task=single_label, "
                              f"not {task}")
         return self
+
+    @model_validator(mode="after")
+    def _long_texts(self) -> "RunConfig":
+        data, length = self.data, self.model.max_length
+        if data.long_texts == "truncate":
+            return self
+        if data.text_pair_column is not None:
+            raise ValueError(f"data.long_texts={data.long_texts} reads long single texts; "
+                             "text pairs (data.text_pair_column) are cut as the tokenizer pairs them")
+        if data.long_texts == "chunks":
+            if data.stride is None:
+                data.stride = length // 4
+            if data.stride >= length - 2:
+                raise ValueError(f"data.stride={data.stride} must be smaller than model.max_length={length} "
+                                 "(less two special tokens): each window must move on")
+        if data.long_texts == "head_tail":
+            if data.head_tokens is None:
+                data.head_tokens = (length - 2) // 4
+            if data.head_tokens >= length - 2:
+                raise ValueError(f"data.head_tokens={data.head_tokens} leaves no tail in model.max_length={length}")
+        return self
+
+    def head_learning_rate(self) -> float:
+        """`train.head_lr`, or by default `lr` (multi-label: at least MULTI_LABEL_HEAD_LR)."""
+        if self.train.head_lr is not None:
+            return self.train.head_lr
+        return max(self.train.lr, MULTI_LABEL_HEAD_LR) if self.data.task == "multi_label" else self.train.lr
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

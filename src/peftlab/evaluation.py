@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from peftlab.batching import model_inputs
+from peftlab.calibration import calibrate
 from peftlab.tasks import per_example_loss, score
+from peftlab.windows import combine
 
 if TYPE_CHECKING:
     from peftlab.speed.plan import SpeedPlan
@@ -49,9 +51,25 @@ def predict(model: torch.nn.Module, loader, accelerator, plan: SpeedPlan, task: 
     return Predictions(logits[first], labels[first], losses[first])
 
 
+def per_text(predictions: Predictions, documents: np.ndarray | None, pooling: str, task: str) -> Predictions:
+    """A chunked text's windows combined into one row (windows.combine), its loss that of the combined
+    logits: metrics count texts, not windows."""
+    if documents is None:
+        return predictions
+    logits = combine(predictions.logits, documents, pooling)
+    labels = predictions.labels[np.unique(documents, return_index=True)[1]]
+    losses = per_example_loss(task, torch.from_numpy(logits), torch.from_numpy(labels)).numpy()
+    return Predictions(logits, labels, losses)
+
+
 def evaluate(model: torch.nn.Module, loader, accelerator, names: list[str], plan: SpeedPlan,
-             task: str = "single_label", thresholds: str = "fixed") -> dict[str, Any]:
-    predictions = predict(model, loader, accelerator, plan, task)
+             task: str = "single_label", thresholds: str = "fixed",
+             calibration_fraction: float | None = None) -> dict[str, Any]:
+    """The task's metrics per text, and the temperature scaling fitted on these logits with the
+    calibration it gives (calibration.calibrate)."""
+    encoded = loader.dataset.encoded
+    predictions = per_text(predict(model, loader, accelerator, plan, task), encoded.documents, encoded.pooling, task)
     label_range = getattr(accelerator.unwrap_model(model).config, "label_range", None)  # models.load_classifier
     metrics = score(task, predictions.labels, predictions.logits, names, thresholds, label_range)
+    metrics |= calibrate(task, predictions.labels, predictions.logits, calibration_fraction)
     return {"eval_loss": float(predictions.losses.mean()), **metrics}

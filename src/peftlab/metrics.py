@@ -40,8 +40,12 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray, names: l
         positive = probabilities[:, 1]
         metrics["roc_auc"] = float(roc_auc_score(labels, positive)) if both else float("nan")
         metrics["pr_auc"] = float(average_precision_score(labels, positive)) if both else float("nan")
+    # Averages over the classes among the labels or the predictions (scikit-learn's own default): a class
+    # that an evaluation subset happens to lack is neither right nor wrong, and does not count as F1 0.
+    present = np.union1d(labels, predictions).tolist()
     for average in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(labels, predictions, labels=ids, average=average, zero_division=0)
+        p, r, f, _ = precision_recall_fscore_support(labels, predictions, labels=present, average=average,
+                                                     zero_division=0)
         metrics |= {f"precision_{average}": float(p), f"recall_{average}": float(r), f"f1_{average}": float(f)}
     if len(names) == 2:  # positive class = id 1, the HF convention for binary tasks
         p, r, f, _ = precision_recall_fscore_support(labels, predictions, labels=ids, average="binary",

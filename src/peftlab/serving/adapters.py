@@ -14,7 +14,7 @@ import copy
 import re
 import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch import nn
 from peftlab import tasks
 from peftlab.config import SpeedConfig
 from peftlab.errors import ServeError
+from peftlab.serving.inference import calibrated_thresholds
 from peftlab.speed.plan import SpeedPlan, inference_plan
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -45,6 +46,18 @@ class Adapter:
     thresholds: list[float] | None = None  # multi-label decision thresholds kept with the run
     label_range: list[float] | None = None  # a regression's unit (data.label_range)
     pairs: bool = False  # trained on text pairs (data.text_pair_column): takes pairs only
+    temperature: list[float] | None = None  # calibration fitted with the kept checkpoint (calibration.py)
+
+    @classmethod
+    def of_run(cls, name: str, run, key: str = "default", mixable: bool = False) -> "Adapter":
+        """A run's adapter as served: calibrated probabilities, multi-label thresholds on their scale."""
+        best = run.summary["best"]
+        temperature, thresholds = best.get("temperature"), best.get("thresholds")
+        if temperature is not None and thresholds is not None:
+            thresholds = calibrated_thresholds(thresholds, temperature)
+        return cls(name, str(run.path), run.labels, run.config.model.max_length, run.config.method.kind, mixable, key,
+                   run.config.data.task, thresholds, run.config.data.label_range,
+                   run.config.data.text_pair_column is not None, temperature)
 
 
 @dataclass
@@ -82,6 +95,7 @@ class ServedModel:
         for name, path in specs:
             _check_name(name, runs)
             run = load_run(path)
+            _check_cut_texts(run)
             if run.config.method.kind in ("full", "head"):
                 raise ServeError(f"adapter {name!r}: {path} is a {run.config.method.kind} run with no adapter; "
                                  "serve it alone with --model")
@@ -108,10 +122,7 @@ class ServedModel:
                 model.load_adapter(str(run.model_dir), adapter_name=keys[name], ignore_mismatched_sizes=True)
             _install_heads(model, keys[name], run.model_dir)
         _route_heads_by_row(model)
-        adapters = {name: Adapter(name, str(run.path), run.labels, run.config.model.max_length,
-                                  run.config.method.kind, _mixable(model, keys[name]), keys[name],
-                                  run.config.data.task, run.summary["best"].get("thresholds"),
-                                  run.config.data.label_range, run.config.data.text_pair_column is not None)
+        adapters = {name: Adapter.of_run(name, run, keys[name], _mixable(model, keys[name]))
                     for name, run in runs.items()}
         target = _device(device)
         plan = inference_plan(first.config.speed, target, model.config.model_type)
@@ -132,26 +143,26 @@ class ServedModel:
             from peftlab.methods import load_run_model
 
             run = load_run(path)
+            _check_cut_texts(run)
             model, tokenizer = load_run_model(run), load_tokenizer(str(run.model_dir))
-            labels, length = run.labels, run.config.model.max_length
-            kind, base = run.config.method.kind, run.config.model.name
-            speed = run.config.speed
-            task, thresholds = run.config.data.task, run.summary["best"].get("thresholds")
-            pairs = run.config.data.text_pair_column is not None
+            adapter = Adapter.of_run(name, run)
+            base, speed = run.config.model.name, run.config.speed
         elif (path / "config.json").is_file():
             model, tokenizer = load_classifier(str(path)), load_tokenizer(str(path))
             labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
             length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
-            kind, base = "merged", path.name
-            speed = SpeedConfig()
-            task = tasks.TASK_OF_PROBLEM.get(model.config.problem_type, "single_label")
+            base, speed = path.name, SpeedConfig()
             kept = getattr(model.config, "decision_thresholds", None)  # serving.export.keep_task_settings
-            thresholds = [kept[label] for label in labels] if kept else None
-            pairs = bool(getattr(model.config, "text_pair_column", None))
+            # An export's head already divides by its temperature (or it was exported raw).
+            adapter = Adapter(name, str(path), labels, length, "merged", mixable=False,
+                              task=tasks.TASK_OF_PROBLEM.get(model.config.problem_type, "single_label"),
+                              thresholds=[kept[label] for label in labels] if kept else None,
+                              label_range=getattr(model.config, "label_range", None),
+                              pairs=bool(getattr(model.config, "text_pair_column", None)))
         else:
             raise ServeError(f"{path} is neither a finished run nor a model directory with config.json")
-        adapter = Adapter(name, str(path), labels, max_length or length, kind, mixable=False, task=task,
-                          thresholds=thresholds, label_range=getattr(model.config, "label_range", None), pairs=pairs)
+        if max_length:
+            adapter = replace(adapter, max_length=max_length)
         from peftlab.methods import is_peft
 
         plan = inference_plan(speed, target, model.config.model_type)
@@ -173,7 +184,10 @@ class ServedModel:
         def answer(rows: list[int], logits: torch.Tensor) -> None:
             for row, values in zip(rows, logits.float().cpu().numpy()):
                 adapter = self.adapters[adapters[row]]  # its head's columns (mixed passes pad the others)
-                out[row] = tasks.outputs(adapter.task, values[None, : len(adapter.labels)], adapter.label_range)[0]
+                values = values[None, : len(adapter.labels)]
+                if adapter.temperature is not None:
+                    values = values / np.asarray(adapter.temperature, dtype=np.float32)
+                out[row] = tasks.outputs(adapter.task, values, adapter.label_range)[0]
 
         groups = self._groups(adapters)
         for rows, adapter_names in groups:
@@ -220,6 +234,14 @@ class ServedModel:
                                       "run": Path(a.source).name, "mixed_batches": a.mixable,
                                       "task": a.task, "text_pairs": a.pairs}
                              for a in self.adapters.values()}}
+
+
+def _check_cut_texts(run) -> None:
+    """The server reads a text's first max_length tokens; a run that read long texts otherwise is
+    answered the way it was evaluated by `peftlab predict`."""
+    if run.config.data.long_texts != "truncate":
+        raise ServeError(f"{run.path} read long texts as data.long_texts={run.config.data.long_texts}; peftlab serve "
+                         "reads the first max_length tokens (use peftlab predict for it)")
 
 
 def _check_name(name: str, taken: dict) -> None:

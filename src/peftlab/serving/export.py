@@ -37,11 +37,34 @@ def merged_model(run: FinishedRun) -> torch.nn.Module:
     return model.eval()
 
 
-def keep_task_settings(config, run: FinishedRun) -> None:
+def fold_temperature(model: torch.nn.Module, temperature: list[float]) -> None:
+    """Divide the head's output layer by the calibration temperature(s), so that the exported model's
+    own softmax (or sigmoids) gives the calibrated probabilities."""
+    from peftlab.methods import head_modules
+
+    outputs = [m for name in head_modules(model) for m in getattr(model, name).modules()
+               if isinstance(m, torch.nn.Linear) and m.out_features == model.config.num_labels]
+    if not outputs:
+        raise ExportError("cannot find the head's output layer to calibrate; export with --raw-scores")
+    scale = 1.0 / torch.tensor(temperature, dtype=outputs[-1].weight.dtype)
+    with torch.no_grad():
+        outputs[-1].weight.mul_(scale[:, None])
+        if outputs[-1].bias is not None:
+            outputs[-1].bias.mul_(scale)
+
+
+def keep_task_settings(config, run: FinishedRun, temperature: list[float] | None = None) -> None:
     """What answering needs besides the weights, into config.json: a multi-label run's tuned decision
-    thresholds (`decision_thresholds`, label -> threshold) and a pair run's second column
-    (`text_pair_column`); `problem_type` and a regression's `label_range` are there already."""
+    thresholds (`decision_thresholds`, label -> threshold, on the calibrated scale where the head was
+    calibrated), a pair run's second column (`text_pair_column`) and the temperature folded into the head
+    (`calibration_temperature`); `problem_type` and a regression's `label_range` are there already."""
+    from peftlab.serving.inference import calibrated_thresholds
+
     thresholds = run.summary["best"].get("thresholds")
+    if temperature is not None:
+        config.calibration_temperature = temperature
+        if thresholds is not None:
+            thresholds = calibrated_thresholds(thresholds, temperature)
     if thresholds is not None:
         config.decision_thresholds = dict(zip(run.labels, thresholds))
     if run.config.data.text_pair_column:
@@ -70,7 +93,7 @@ def check_export_target(out: Path, force: bool = False) -> None:
         raise ExportError(f"{out} holds an earlier peftlab export; pass --force to replace it")
 
 
-def export_run(path: Path | str, out: Path, onnx: bool = False, force: bool = False) -> Path:
+def export_run(path: Path | str, out: Path, onnx: bool = False, force: bool = False, raw: bool = False) -> Path:
     """Write `out/` (config.json with id2label/label2id, model.safetensors, tokenizer, README.md model
     card, peftlab_export.json, and model.onnx with `onnx`), built aside and swapped in whole. `out`
     must be free or empty; `force` replaces an earlier export there, never anything else."""
@@ -80,14 +103,17 @@ def export_run(path: Path | str, out: Path, onnx: bool = False, force: bool = Fa
     check_export_target(out, force)  # before any work
     run = load_run(path)
     model = merged_model(run)
-    keep_task_settings(model.config, run)
+    temperature = None if raw else run.summary["best"].get("temperature")
+    if temperature is not None:
+        fold_temperature(model, temperature)
+    keep_task_settings(model.config, run, temperature)
     tokenizer = load_tokenizer(str(run.model_dir))
     tokenizer.model_max_length = run.config.model.max_length  # what the model was trained on; serve reads it
 
     def build(directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)
         tokenizer.save_pretrained(directory)
-        (directory / "README.md").write_text(model_card(run), encoding="utf-8")
+        (directory / "README.md").write_text(model_card(run, temperature), encoding="utf-8")
         if onnx:
             export_onnx(model, tokenizer, directory / "model.onnx", run.config.model.max_length)
         (directory / EXPORT_MARKER).write_text(json.dumps(
@@ -138,10 +164,15 @@ class _LogitsOnly(torch.nn.Module):
         return self.model(**dict(zip(self.names, tensors))).logits
 
 
-def _answering(run: FinishedRun) -> str:
+def _answering(run: FinishedRun, temperature: list[float] | None) -> str:
     """How the logits become answers, where it is more than a softmax's best class."""
     data = run.config.data
     lines = []
+    if temperature is not None:
+        lines.append("Its probabilities are calibrated: the head's output layer is divided by the temperature "
+                     "fitted on the evaluation split (`calibration_temperature` in config.json; ECE "
+                     f"{run.summary['best'].get('ece', float('nan')):.3f} before, "
+                     f"{run.summary['best'].get('ece_calibrated', float('nan')):.3f} after).")
     if data.task == "multi_label":
         lines.append("Multi-label: a sigmoid per label; a label is predicted at or above its threshold "
                      "(`decision_thresholds` in config.json, 0.5 where absent).")
@@ -155,7 +186,7 @@ def _answering(run: FinishedRun) -> str:
     return "".join(f"\n{line}\n" for line in lines)
 
 
-def model_card(run: FinishedRun) -> str:
+def model_card(run: FinishedRun, temperature: list[float] | None = None) -> str:
     summary, config = run.summary, run.config
     best = summary["best"]
     metrics = "\n".join(f"| {key} | {best[key]:.4f} |" for key in METRICS[config.data.task]
@@ -173,7 +204,7 @@ tags: [peftlab, {config.method.kind}]
 A text classifier fine-tuned with peftlab: method `{config.method.kind}` on `{config.model.name}`
 ({summary['trainable_params']:,} trainable parameters, {100 * summary['trainable_share']:.3f}% of
 {summary['total_params']:,}), adapters merged into the weights. Labels: {', '.join(run.labels)}.
-{_answering(run)}
+{_answering(run, temperature)}
 Loads with plain transformers, no peft needed:
 
 ```python

@@ -104,13 +104,19 @@ def _checked(values: list, origin: str, column: str | None, start: int) -> list[
 
 def predict_file(run: Path, source: str, output: Path | None, text_column: str = "text", batch_size: int = 64,
                  chunk_rows: int = CHUNK_ROWS, show_progress: bool = True, encoding: str = "utf-8",
-                 pair_column: str | None = None) -> int:
+                 pair_column: str | None = None, raw: bool = False, abstain_below: float | None = None) -> int:
     """Write one JSON line per input row (row, and the task's answer: label, score, probabilities);
     returns the row count. A run trained on text pairs reads its second texts from `pair_column`.
-    The output file appears only once complete (written aside, then renamed)."""
+    Probabilities are calibrated (the run's temperature) unless `raw`; with `abstain_below`, a row whose
+    top probability is under it is marked `"abstain": true`. The output file appears only once complete
+    (written aside, then renamed)."""
     from tqdm.auto import tqdm
 
-    classifier = Classifier.from_run(run)
+    if abstain_below is not None and not 0 < abstain_below < 1:
+        raise DataError(f"--abstain-below {abstain_below}: a probability strictly between 0 and 1")
+    classifier = Classifier.from_run(run, raw=raw)
+    if abstain_below is not None and classifier.task != "single_label":
+        raise DataError(f"--abstain-below judges a single label's probability; this run's task is {classifier.task}")
     if pair_column is not None and source == "-":
         raise DataError("text pairs are read from a file's two columns, not from standard input")
     texts_only = read_texts(source, text_column, chunk_rows, encoding)
@@ -124,6 +130,8 @@ def predict_file(run: Path, source: str, output: Path | None, text_column: str =
         with tqdm(unit="row", disable=not show_progress or output is None, dynamic_ncols=True) as bar:
             for texts, pairs in chunks:
                 for row in classifier.label_rows(classifier.probabilities(texts, batch_size, pairs)):
+                    if abstain_below is not None:
+                        row["abstain"] = row["score"] < abstain_below
                     target.write(json.dumps({"row": rows, **row}) + "\n")
                     rows += 1
                 bar.update(len(texts))

@@ -14,7 +14,8 @@ _NAMES = {"f1_macro": "macro F1", "f1": "F1", "accuracy": "accuracy", "eval_loss
           "f1_micro": "micro F1", "f1_samples": "per-text F1", "subset_accuracy": "subset accuracy",
           "hamming_loss": "Hamming loss", "pearson": "Pearson r", "spearman": "Spearman ρ", "mse": "MSE", "mae": "MAE",
           "r2": "R²", "balanced_accuracy": "balanced accuracy", "mcc": "Matthews correlation", "roc_auc": "ROC-AUC",
-          "pr_auc": "PR-AUC", "roc_auc_macro": "macro ROC-AUC", "average_precision_macro": "macro average precision"}
+          "pr_auc": "PR-AUC", "roc_auc_macro": "macro ROC-AUC", "average_precision_macro": "macro average precision",
+          "ece": "ECE", "ece_calibrated": "ECE calibrated"}
 
 
 def metric_name(metric: str) -> str:
@@ -153,3 +154,36 @@ def sweep_curve(results: ResultSet, key: str, path: Path) -> Path | None:
 
 def _nan_to_zero(value: float) -> float:
     return 0.0 if value is None or math.isnan(value) else value
+
+
+def reliability(run: RunResult, select: str, title: str, path: Path) -> Path | None:
+    """Reliability diagram (accuracy against confidence per bin, before and after calibration) and
+    accuracy against coverage, of one run's evaluation."""
+    evaluation = run.evaluation(select)
+    bins = evaluation.get("reliability")
+    if not bins:
+        return None
+    plt = _pyplot()
+    coverage = evaluation.get("coverage_accuracy")
+    fig, axes = plt.subplots(1, 2 if coverage else 1, figsize=(9 if coverage else 4.6, 4), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfect calibration")
+    for name, color in (("raw", "tab:red"), ("calibrated", "tab:blue")):
+        part = bins[name]
+        ece = evaluation.get("ece" if name == "raw" else "ece_calibrated", float("nan"))
+        ax.plot(part["confidence"], part["accuracy"], marker="o", color=color, label=f"{name} (ECE {ece:.3f})")
+    ax.set_xlabel("confidence (mean probability in the bin)")
+    ax.set_ylabel("accuracy (frequency in the bin)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    if coverage:
+        ax = axes[0][1]
+        ax.plot(coverage["coverage"], coverage["accuracy"], marker=".", color="tab:blue")
+        ax.set_xlabel("coverage (share of texts answered, most confident first)")
+        ax.set_ylabel("accuracy on the answered texts")
+        ax.set_xlim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_title("accuracy against coverage (calibrated)", fontsize=10)
+    return _save(fig, path)

@@ -59,7 +59,8 @@ def _shared_metrics(results: ResultSet) -> set[str]:
 
 def quality_table(results: ResultSet) -> Table:
     # Beside the study's metric, the task's usual ones that every run has (a regression has no accuracy).
-    metrics = [results.metric] + [m for m in ("accuracy", "f1_macro", "f1_micro", "pearson", "mae", "eval_loss")
+    metrics = [results.metric] + [m for m in ("accuracy", "f1_macro", "f1_micro", "pearson", "mae", "eval_loss",
+                                              "ece", "ece_calibrated")
                                   if m != results.metric and m in _shared_metrics(results)]
     header = ["configuration", "runs"]
     for metric in metrics:
@@ -228,6 +229,11 @@ def make_figures(results: ResultSet, directory: Path) -> list[Figure]:
             if made:
                 figures.append(Figure(made.name, f"{metric} against {key} (mean ± std over seeds)."))
     best = results.best_run()
+    made = plots.reliability(best, results.select, f"reliability, {best.path.name}", directory / "reliability.png")
+    if made:
+        figures.append(Figure(made.name, f"Calibration of the best run, {best.path.name}: accuracy against "
+                                         "confidence before and after temperature scaling, and the accuracy kept "
+                                         "when the least confident texts are left unanswered."))
     if "confusion_matrix" not in best.evaluation(results.select):  # multi-label, regression
         return figures
     names = json.loads((best.path / LABELS).read_text(encoding="utf-8"))["labels"]

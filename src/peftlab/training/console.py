@@ -67,7 +67,11 @@ def announce(config: RunConfig, data: RunData, counts: dict, run, accelerator, p
     print("resolved config:\n" + "\n".join("  " + line for line in config.to_yaml().splitlines()))
     summary = data.summary()
     print(f"data: {summary['n_train']} train / {summary['n_eval']} eval, classes {summary['train_class_counts']}, "
-          f"{summary['truncated_train']} train texts truncated to {config.model.max_length} tokens")
+          f"{summary['truncated_train']} train texts longer than {config.model.max_length} tokens"
+          + {"truncate": " (truncated)", "head_tail": " (head and tail kept)",
+             "chunks": f" (read in {summary.get('train_windows')} windows)"}[config.data.long_texts])
+    if hint := long_texts_hint(config.data.long_texts, summary["train_text_tokens"], config.model.max_length):
+        print(hint)
     for key in ("duplicate_train_texts", "conflicting_train_labels", "eval_texts_also_in_train"):
         if summary[key]:
             print(f"warning: {summary[key]} {key.replace('_', ' ')}")
@@ -89,6 +93,18 @@ def announce(config: RunConfig, data: RunData, counts: dict, run, accelerator, p
         print(f"weights, gradients and optimizer state sharded over {accelerator.num_processes} processes (FSDP2)")
     if run:
         print(f"writing to {run.work} (renamed to {run.final} when finished)")
+
+
+# Past this share of texts cut by truncation, the run says how to read the rest of them.
+LONG_TEXTS_HINT_SHARE = 0.2
+
+
+def long_texts_hint(mode: str, lengths: dict, max_length: int) -> str | None:
+    if mode != "truncate" or lengths.get("share_longer", 0.0) <= LONG_TEXTS_HINT_SHARE:
+        return None
+    return (f"hint: {100 * lengths['share_longer']:.0f}% of the training texts are longer than max_length={max_length} "
+            f"tokens (median {lengths['median_tokens']:.0f}, 95th percentile {lengths['p95_tokens']:.0f}) and are cut; "
+            "data.long_texts=chunks (or head_tail) reads the rest of them (docs/long-documents.md)")
 
 
 def bf16_hint(cpu_bf16: str | None) -> str | None:

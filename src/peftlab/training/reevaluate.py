@@ -37,4 +37,5 @@ def evaluate_run(path: Path | str, overrides: list[str] | None = None) -> dict[s
     pad_multiple = 8 if torch.cuda.is_available() else 1
     loader = accelerator.prepare(evaluation_loader(data.eval, data.tokenizer.pad_token_id, config.train.eval_batch_size,
                                                    config.train.seed, pad_multiple))
-    return evaluate(model, loader, accelerator, run.labels, plan, config.data.task, config.data.thresholds)
+    return evaluate(model, loader, accelerator, run.labels, plan, config.data.task, config.data.thresholds,
+                    config.data.calibration_fraction)

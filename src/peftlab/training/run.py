@@ -171,9 +171,11 @@ def _training_parts(config: RunConfig, data, model, accelerator, plan: SpeedPlan
     train_loader = make_loader(data.train, cfg.batch_size, shuffle=True, group_by_length=cfg.group_by_length,
                                seed=cfg.seed, pad_id=data.tokenizer.pad_token_id,
                                pad_to_multiple_of=GRAPH_LENGTH_STEP if plan.cuda_graphs else pad_multiple,
-                               max_width=config.model.max_length, balanced=config.data.sampler == "balanced")
+                               max_width=config.model.max_length, balanced=config.data.sampler == "balanced",
+                               max_per_document=config.data.max_chunks_per_doc)
     # The fused kernel updates all tensors in one pass, and takes folded clipping's scale.
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.method, cfg.lr, cfg.weight_decay, cfg.head_lr),
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.method, cfg.lr, cfg.weight_decay,
+                                                   config.head_learning_rate()),
                                   lr=cfg.lr,
                                   fused=True)
     follow_optimizer(model, optimizer)
@@ -192,7 +194,7 @@ def _training_parts(config: RunConfig, data, model, accelerator, plan: SpeedPlan
     return Parts(model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
                  evaluation_loader=eval_loader, accelerator=accelerator, training_step=step,
                  evaluate=lambda: evaluate(model, eval_loader, accelerator, names, plan, config.data.task,
-                                           config.data.thresholds),
+                                           config.data.thresholds, config.data.calibration_fraction),
                  clip=gradient_clipper(accelerator, optimizer, params, cfg.max_grad_norm, plan.folded_clipping)
                  if cfg.max_grad_norm else None,
                  lagged=LaggedCheck(optimizer) if plan.lagged_finiteness_check else None)
