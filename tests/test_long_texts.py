@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import FILLER, NEGATIVE, POSITIVE, build_tokenizer
+from test_serve import Server, status_and_json
 from test_train import LEARNABLE
 
 from peftlab.batching import LengthGroupedBatches
@@ -16,6 +17,7 @@ from peftlab.config_loading import validate_config
 from peftlab.errors import ConfigError, ServeError
 from peftlab.runs import load_run
 from peftlab.serving.adapters import ServedModel
+from peftlab.serving.inference import Classifier
 from peftlab.training.run import train
 from peftlab.windows import Windowing, combine, window_texts
 
@@ -124,7 +126,15 @@ def test_chunks_and_head_tail_read_what_truncation_cuts_off(make_config, late_wo
             truth = pd.read_csv(late_word_files["eval_file"])["label"].tolist()
             final = np.mean([p == t for p, t in zip(predicted, truth)])
             assert final == pytest.approx(run.summary["final"]["accuracy"], abs=1.5 / 80)
-            with pytest.raises(ServeError, match="data.long_texts=chunks; peftlab serve reads the first"):
+            with pytest.raises(ServeError, match="data.long_texts=chunks; peftlab serve reads one window"):
                 ServedModel.from_model(run.path)
+        if mode == "head_tail":  # served as evaluated: the first and last tokens of a long text
+            texts = pd.read_csv(late_word_files["eval_file"])["text"].tolist()[:4]
+            expected = Classifier.from_run(run.path, device="cpu").probabilities(texts)
+            with Server(ServedModel.from_model(run.path, device="cpu")) as server:
+                status, answers = status_and_json(server.url, "/predict", {"inputs": texts})
+            assert status == 200
+            for answer, row in zip(answers, expected):
+                assert {a["label"]: a["score"] for a in answer} == pytest.approx(dict(zip(run.labels, row)), abs=1e-5)
     assert accuracy["truncate"] <= 0.7 and accuracy["head_tail"] >= 0.9 and accuracy["chunks"] >= 0.9, accuracy
     assert "hint: 100% of the training texts are longer than max_length=16" in capsys.readouterr().out

@@ -27,6 +27,7 @@ from peftlab.config import SpeedConfig
 from peftlab.errors import ServeError
 from peftlab.serving.inference import calibrated_thresholds
 from peftlab.speed.plan import SpeedPlan, inference_plan
+from peftlab.windows import Windowing
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -47,6 +48,7 @@ class Adapter:
     label_range: list[float] | None = None  # a regression's unit (data.label_range)
     pairs: bool = False  # trained on text pairs (data.text_pair_column): takes pairs only
     temperature: list[float] | None = None  # calibration fitted with the kept checkpoint (calibration.py)
+    head_tail: Windowing | None = None  # a run that read long texts' first and last tokens (data.long_texts)
 
     @classmethod
     def of_run(cls, name: str, run, key: str = "default", mixable: bool = False) -> "Adapter":
@@ -57,7 +59,8 @@ class Adapter:
             thresholds = calibrated_thresholds(thresholds, temperature)
         return cls(name, str(run.path), run.labels, run.config.model.max_length, run.config.method.kind, mixable, key,
                    run.config.data.task, thresholds, run.config.data.label_range,
-                   run.config.data.text_pair_column is not None, temperature)
+                   run.config.data.text_pair_column is not None, temperature,
+                   Windowing.of(run.config) if run.config.data.long_texts == "head_tail" else None)
 
 
 @dataclass
@@ -237,11 +240,11 @@ class ServedModel:
 
 
 def _check_cut_texts(run) -> None:
-    """The server reads a text's first max_length tokens; a run that read long texts otherwise is
-    answered the way it was evaluated by `peftlab predict`."""
-    if run.config.data.long_texts != "truncate":
-        raise ServeError(f"{run.path} read long texts as data.long_texts={run.config.data.long_texts}; peftlab serve "
-                         "reads the first max_length tokens (use peftlab predict for it)")
+    """The server reads a text's first max_length tokens, or its head and tail; a run that read long
+    texts in chunks is answered the way it was evaluated by `peftlab predict`."""
+    if run.config.data.long_texts == "chunks":
+        raise ServeError(f"{run.path} read long texts as data.long_texts=chunks; peftlab serve reads one window "
+                         "of a text (use peftlab predict for it)")
 
 
 def _check_name(name: str, taken: dict) -> None:

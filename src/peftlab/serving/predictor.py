@@ -12,6 +12,7 @@ from typing import Any
 from peftlab.serving.adapters import ServedModel
 from peftlab.serving.settings import ServeSettings
 from peftlab.tasks import DECISION_THRESHOLD
+from peftlab.windows import window_texts
 
 log = logging.getLogger("peftlab.serve")
 
@@ -147,6 +148,10 @@ class Predictor:
         if not self.tokenizer_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise timeout_error(self.settings)
         try:
+            head_tail = self.served.adapters[adapter].head_tail
+            if head_tail is not None:  # long texts expected: the run's first and last tokens of each
+                ids = window_texts(self.served.tokenizer, texts, None, head_tail, with_types=False).input_ids
+                return self._in_time(ids, deadline)
             # One token over the limit is enough to tell an over-long text from one that fits.
             pairs = bool(texts) and not isinstance(texts[0], str)
             firsts = [self.covering_prefix(t[0] if pairs else t, limit + 1) for t in texts]
@@ -164,6 +169,9 @@ class Predictor:
                     ids[i] = x
         finally:
             self.tokenizer_lock.release()
+        return self._in_time(ids, deadline)
+
+    def _in_time(self, ids: list[list[int]], deadline: float) -> list[list[int]]:
         if time.monotonic() > deadline:
             raise timeout_error(self.settings)
         return ids
