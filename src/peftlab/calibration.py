@@ -58,29 +58,17 @@ def probabilities(task: str, logits: np.ndarray, temperature: list[float] | None
     return _sigmoid(scaled) if task == "multi_label" else _softmax(scaled)
 
 
-def expected_calibration_error(task: str, labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Single-label: |accuracy - confidence| of the top class, weighted over equal-width confidence bins;
-    multi-label: |frequency - probability| over every (text, label) probability."""
+def _confidence(task: str, labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Single-label: the top class's probability and whether it is right; multi-label: every (text,
+    label) probability and whether the label is on."""
     if task == "multi_label":
-        confidence, correct = probs.ravel(), labels.ravel().astype(np.float64)
-    else:
-        confidence, correct = probs.max(axis=-1), (probs.argmax(axis=-1) == labels).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(total)
+        return probs.ravel(), labels.ravel().astype(np.float64)
+    return probs.max(axis=-1), (probs.argmax(axis=-1) == labels).astype(np.float64)
 
 
 def reliability(task: str, labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> dict[str, list]:
-    """Per confidence bin: its mean confidence, accuracy (or frequency) and count, for a reliability diagram."""
-    if task == "multi_label":
-        confidence, correct = probs.ravel(), labels.ravel().astype(np.float64)
-    else:
-        confidence, correct = probs.max(axis=-1), (probs.argmax(axis=-1) == labels).astype(np.float64)
+    """Per non-empty equal-width confidence bin: its mean confidence, accuracy (or frequency) and count."""
+    confidence, correct = _confidence(task, labels, probs)
     which = np.clip(np.digitize(confidence, np.linspace(0.0, 1.0, bins + 1)[1:-1], right=True), 0, bins - 1)
     out: dict[str, list] = {"confidence": [], "accuracy": [], "count": []}
     for b in range(bins):
@@ -90,6 +78,13 @@ def reliability(task: str, labels: np.ndarray, probs: np.ndarray, bins: int = EC
             out["accuracy"].append(float(correct[inside].mean()))
             out["count"].append(int(inside.sum()))
     return out
+
+
+def expected_calibration_error(task: str, labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
+    """|accuracy - confidence| per bin (reliability), weighted by the bin's share of the predictions."""
+    table = reliability(task, labels, probs, bins)
+    total = sum(table["count"])
+    return float(sum(n / total * abs(a - c) for n, a, c in zip(table["count"], table["accuracy"], table["confidence"])))
 
 
 def brier_score(task: str, labels: np.ndarray, probs: np.ndarray) -> float:
