@@ -14,7 +14,8 @@ from test_train import LEARNABLE
 
 from peftlab.batching import LengthGroupedBatches
 from peftlab.config_loading import validate_config
-from peftlab.errors import ConfigError, ServeError
+from peftlab.errors import ConfigError
+from peftlab.evaluation import Predictions, long_text_scores
 from peftlab.runs import load_run
 from peftlab.serving.adapters import ServedModel
 from peftlab.serving.inference import Classifier
@@ -56,6 +57,20 @@ def test_window_logits_combine_per_text():
     assert combine(logits, documents, "max").tolist() == [[3.0, 0.0], [0.5, 0.5]]
     expected = np.log(np.exp(logits[:2]).sum(axis=0))
     assert combine(logits, documents, "logsumexp")[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_long_text_figures_count_only_the_texts_one_window_cannot_hold():
+    logits = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]], dtype=np.float32)
+    predictions = Predictions(logits, np.array([0, 1, 1, 1]), np.zeros(4))
+    scores = long_text_scores("single_label", predictions, np.array([False, False, True, True]), ["a", "b"])
+    assert scores["long_texts"] == 2 and scores["accuracy_long"] == 0.0 and scores["f1_macro_long"] == 0.0
+    assert long_text_scores("single_label", predictions, np.array([True, False, False, False]), ["a", "b"]) == {}
+    assert long_text_scores("single_label", predictions, None, ["a", "b"]) == {}
+    # Multi-label keeps the thresholds chosen over every text: at 0.9 nothing is predicted, F1 is 0.
+    multi = Predictions(logits * 2 - 2, np.array([[1, 0], [0, 1], [1, 0], [1, 0]]), np.zeros(4))
+    long = np.array([True, True, True, True])
+    assert long_text_scores("multi_label", multi, long, ["a", "b"], chosen=[0.5, 0.5])["f1_micro_long"] == 1.0
+    assert long_text_scores("multi_label", multi, long, ["a", "b"], chosen=[0.9, 0.9])["f1_micro_long"] == 0.0
 
 
 def test_at_most_max_chunks_per_doc_windows_of_a_text_each_epoch():
@@ -126,9 +141,10 @@ def test_chunks_and_head_tail_read_what_truncation_cuts_off(make_config, late_wo
             truth = pd.read_csv(late_word_files["eval_file"])["label"].tolist()
             final = np.mean([p == t for p, t in zip(predicted, truth)])
             assert final == pytest.approx(run.summary["final"]["accuracy"], abs=1.5 / 80)
-            with pytest.raises(ServeError, match="data.long_texts=chunks; peftlab serve reads one window"):
-                ServedModel.from_model(run.path)
-        if mode == "head_tail":  # served as evaluated: the first and last tokens of a long text
+        # Every eval text is longer than the window: the long-text figures are the figures.
+        assert run.summary["best"]["long_texts"] == 80
+        assert run.summary["best"]["accuracy_long"] == run.summary["best"]["accuracy"]
+        if mode != "truncate":  # served as evaluated: head and tail, or every window combined
             texts = pd.read_csv(late_word_files["eval_file"])["text"].tolist()[:4]
             expected = Classifier.from_run(run.path, device="cpu").probabilities(texts)
             with Server(ServedModel.from_model(run.path, device="cpu")) as server:

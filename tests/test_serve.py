@@ -295,11 +295,14 @@ class SlowModel:
         self.__dict__.update(served.__dict__)
         self.served, self.delay, self.times = served, delay, times
 
-    def probabilities(self, ids, adapters):
+    def logits(self, ids, adapters):
         if self.times is None or self.times > 0:
             self.times = None if self.times is None else self.times - 1
             time.sleep(self.delay)
-        return self.served.probabilities(ids, adapters)
+        return self.served.logits(ids, adapters)
+
+    def scores(self, adapter, logits):
+        return self.served.scores(adapter, logits)
 
     def info(self):
         return self.served.info()

@@ -39,11 +39,14 @@ class Wrapped:
         if tokenizer is not None:
             self.tokenizer = tokenizer
 
-    def probabilities(self, ids, adapters):
+    def logits(self, ids, adapters):
         self.passes.append((len(ids), list(adapters)))
         if self.before:
             self.before(ids, adapters)
-        return self.served.probabilities(ids, adapters)
+        return self.served.logits(ids, adapters)
+
+    def scores(self, adapter, logits):
+        return self.served.scores(adapter, logits)
 
     def info(self):
         return self.served.info()

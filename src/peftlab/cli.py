@@ -1,9 +1,8 @@
-"""Command line: parses arguments and calls the library (imports stay lazy so --help is instant)."""
+"""Command line: parses arguments and calls the Python API, peftlab.api (imports stay lazy so --help is instant)."""
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -11,11 +10,12 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from peftlab.config_loading import load_config
+    from peftlab.api.running import resolve_config
+    from peftlab.config_loading import parse_overrides
 
     # `resume=auto` / `resume=PATH` is how to run, not part of the experiment: it stays out of the config.
     resume = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("resume=")), None)
-    config = load_config(args.config, [o for o in args.overrides if not o.startswith("resume=")])
+    config = resolve_config(args.config, parse_overrides([o for o in args.overrides if not o.startswith("resume=")]))
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
@@ -25,8 +25,8 @@ def _train(args: argparse.Namespace) -> int:
                    "-m", "peftlab", "train", str(args.config), *args.overrides]
         print(f"peftlab train: starting {args.devices} processes: {' '.join(command[1:])}", file=sys.stderr, flush=True)
         os.execv(sys.executable, command)
+    from peftlab.api import train
     from peftlab.training.resume import TrainingInterrupted
-    from peftlab.training.run import train
 
     try:
         train(config, resume=resume)
@@ -54,35 +54,28 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from peftlab.studies.running import check_finished_runs, describe
-    from peftlab.studies.study import load_study
+    from peftlab.api.studying import plan
+    from peftlab.config_loading import parse_overrides
+    from peftlab.studies.running import describe
 
-    study = load_study(args.study, args.overrides)
-    check_finished_runs(study)  # before the plan is shown: a [done] run must really be this cell's
-    print(describe(study))
+    overrides = parse_overrides(args.overrides)
+    print(describe(plan(args.study, **overrides)))
     if args.dry_run:
         return 0
-    from peftlab.studies.running import run_study
+    from peftlab.api import study
     from peftlab.training.resume import TrainingInterrupted
 
-    runner = None
-    if args.backend == "ray":
-        from peftlab.studies.ray_backend import run_on_ray
-
-        runner = functools.partial(run_on_ray, address=args.address, retries=args.retries)
     try:
-        failures = run_study(study, progress=not args.no_progress, runner=runner)
+        result = study(args.study, progress=not args.no_progress, backend=args.backend, address=args.address,
+                       retries=args.retries, write_report=not args.no_report, **overrides)
     except TrainingInterrupted as exc:
         print(f"peftlab study: {exc}; run the study again to go on", file=sys.stderr)
         return exc.exit_code
-    if not args.no_report and any(study.directory.iterdir()):
-        from peftlab.studies.report import write_report
-
-        out = write_report([study.directory])
-        print(f"\nreport: {out / 'report.html'} (and report.md)")
-    if failures:
-        print(f"{len(failures)} run(s) failed: {', '.join(failures)}; run the study again to retry them",
-              file=sys.stderr)
+    if result.page:
+        print(f"\nreport: {result.page} (and report.md)")
+    if result.failures:
+        print(f"{len(result.failures)} run(s) failed: {', '.join(result.failures)}; run the study again to retry "
+              "them", file=sys.stderr)
         return 1
     return 0
 
@@ -116,10 +109,9 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from peftlab.studies.report import write_report
+    from peftlab.api import report
 
-    out = write_report(args.paths, args.out)
-    print(f"report: {out / 'report.html'} (and report.md)")
+    print(f"report: {report(*args.paths, out=args.out)} (and report.md)")
     return 0
 
 

@@ -242,6 +242,10 @@ class OutputConfig(Strict):
     """Show progress bars."""
     cache_dir: Path | None = None
     """Token cache; default `$PEFTLAB_CACHE` or `~/.cache/peftlab`."""
+    report_to: list[Literal["mlflow", "tensorboard"]] = []
+    """Experiment trackers that also receive the run (docs/tracking.md): `mlflow` (the `mlflow` extra;
+    `$MLFLOW_TRACKING_URI`, or a SQLite store `mlflow.db` in `dir`) and `tensorboard` (event files in
+    the run directory). A tracker that fails is a warning; the run goes on."""
 
     @field_validator("name")
     @classmethod

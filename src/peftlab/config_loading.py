@@ -56,6 +56,24 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return result
 
 
+METHOD_KEYS = set().union(*(cls.model_fields for cls in METHOD_CLASSES.values()))
+
+
+def drop_inapplicable_method_keys(raw: dict[str, Any]) -> set[str]:
+    """`method.r` means nothing for full fine-tuning: drop keys of other method kinds (unknown keys stay,
+    so that typos still fail validation)."""
+    method = raw.get("method")
+    if not isinstance(method, dict):
+        return set()
+    allowed = METHOD_CLASSES.get(method.get("kind", "lora"))
+    if allowed is None:
+        return set()
+    dropped = {key for key in method if key in METHOD_KEYS and key not in allowed.model_fields}
+    for key in dropped:
+        del method[key]
+    return dropped
+
+
 def _deep_copy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _deep_copy(v) for k, v in value.items()}
@@ -103,7 +121,7 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConf
     return validate_config(raw, origin=str(path))
 
 
-NOT_EXPERIMENT_KEYS = frozenset({"output.overwrite", "output.progress", "output.cache_dir"})
+NOT_EXPERIMENT_KEYS = frozenset({"output.overwrite", "output.progress", "output.cache_dir", "output.report_to"})
 
 
 def config_differences(saved: dict[str, Any], expected: dict[str, Any], ignore=NOT_EXPERIMENT_KEYS,

@@ -71,5 +71,24 @@ def evaluate(model: torch.nn.Module, loader, accelerator, names: list[str], plan
     predictions = per_text(predict(model, loader, accelerator, plan, task), encoded.documents, encoded.pooling, task)
     label_range = getattr(accelerator.unwrap_model(model).config, "label_range", None)  # models.load_classifier
     metrics = score(task, predictions.labels, predictions.logits, names, thresholds, label_range)
+    metrics |= long_text_scores(task, predictions, encoded.long_texts, names, label_range, metrics.get("thresholds"))
     metrics |= calibrate(task, predictions.labels, predictions.logits, calibration_fraction)
     return {"eval_loss": float(predictions.losses.mean()), **metrics}
+
+
+# The headline metrics that long_text_scores repeats over the texts one window cannot hold.
+LONG_TEXT_METRICS = ("accuracy", "f1_macro", "f1_micro", "pearson", "mae")
+
+
+def long_text_scores(task: str, predictions: Predictions, long_texts: np.ndarray | None, names: list[str],
+                     label_range: Any = None, chosen: Any = None) -> dict[str, Any]:
+    """`long_texts` (how many texts one window cannot hold) and the headline metrics over those texts
+    alone (`f1_macro_long`, ...): where truncation loses words and data.long_texts decides, which the
+    metrics over every text dilute with the texts that fit. Multi-label keeps the thresholds chosen
+    over every text. Nothing where fewer than two texts are long."""
+    if long_texts is None or long_texts.sum() < 2:
+        return {}
+    subset = score(task, predictions.labels[long_texts], predictions.logits[long_texts], names,
+                   label_range=label_range, chosen=chosen)
+    return {"long_texts": int(long_texts.sum()),
+            **{f"{name}_long": subset[name] for name in LONG_TEXT_METRICS if name in subset}}

@@ -92,17 +92,18 @@ def to_range(values: np.ndarray, label_range: Any) -> np.ndarray:
 
 
 def score(task: str, labels: np.ndarray, logits: np.ndarray, names: list[str],
-          thresholds: str = "fixed", label_range: Any = None) -> dict[str, Any]:
+          thresholds: str = "fixed", label_range: Any = None, chosen: np.ndarray | None = None) -> dict[str, Any]:
     """The task's metrics of gathered logits against the labels; multi-label at the decision
-    thresholds `thresholds` asks for (`fixed`, or tuned on these labels: `global`, `per_label`), which
-    the metrics record under "thresholds"; regression in the targets' own unit."""
+    thresholds `thresholds` asks for (`fixed`, or tuned on these labels: `global`, `per_label`), or at
+    thresholds already `chosen`, which the metrics record under "thresholds"; regression in the targets'
+    own unit."""
     from peftlab import metrics
 
     values = outputs(task, logits, label_range)
     if task == "regression":
         return metrics.regression_metrics(labels if label_range is None else to_range(labels, label_range), values)
     if task == "multi_label":
-        chosen = tuned_thresholds(labels, values, thresholds)
+        chosen = tuned_thresholds(labels, values, thresholds) if chosen is None else np.asarray(chosen)
         return metrics.multi_label_metrics(labels, values, values >= chosen, names) | {"thresholds": chosen.tolist()}
     return metrics.classification_metrics(labels, values.argmax(axis=-1), names, values)
 

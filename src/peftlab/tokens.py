@@ -36,6 +36,15 @@ class Encoded:
     """Each text's length in tokens before any cut."""
     pooling: str = "mean"
     """How a text's window logits combine (data.chunk_pooling)."""
+    room: int | None = None
+    """Tokens of a text that one window holds (max_length less the special tokens)."""
+
+    @property
+    def long_texts(self) -> np.ndarray | None:
+        """Which texts one window cannot hold: those truncation cuts."""
+        if self.text_tokens is None or self.room is None:
+            return None
+        return self.text_tokens > self.room
 
     @property
     def text_labels(self) -> np.ndarray:
@@ -60,12 +69,13 @@ def encode(table: Table, label_ids: np.ndarray, tokenizer, max_length: int, cach
            windowing: Windowing | None = None) -> Encoded:
     """Tokenise once; the result is cached on disk keyed by texts, tokenizer, max_length and windowing."""
     windowing = windowing or Windowing(max_length=max_length)
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=table.pairs is not None)
     with_types = table.pairs is not None and "token_type_ids" in tokenizer.model_input_names
     key = _cache_key(table, tokenizer, max_length, windowing.key)
     path = cache_root(cache_dir) / "tokens" / f"{key}.npz"
     if path.is_file():
         try:
-            return _read_tokens(path, label_ids, with_types, windowing.pooling)
+            return _read_tokens(path, label_ids, with_types, windowing.pooling, room)
         except Exception as exc:  # noqa: BLE001 - a damaged zip fails in many ways (BadZipFile, EOFError, ...)
             # A cache is only a copy: a damaged entry (cut short, overwritten) is rebuilt, never fatal.
             warnings.warn(f"token cache {path} is damaged ({type(exc).__name__}: {exc}); tokenising again",
@@ -75,7 +85,8 @@ def encode(table: Table, label_ids: np.ndarray, tokenizer, max_length: int, cach
     types = [np.asarray(x, dtype=np.int8) for x in windowed.token_type_ids] if with_types else None
     _write_tokens(path, ids, types, windowed)
     labels = label_ids if windowed.documents is None else label_ids[windowed.documents]
-    return Encoded(ids, types, labels, windowed.truncated, windowed.documents, windowed.text_tokens, windowing.pooling)
+    return Encoded(ids, types, labels, windowed.truncated, windowed.documents, windowed.text_tokens, windowing.pooling,
+                   room)
 
 
 def _cache_key(table: Table, tokenizer, max_length: int, windowing: str = "") -> str:
@@ -119,7 +130,7 @@ def _write_tokens(path: Path, ids: list[np.ndarray], types: list[np.ndarray] | N
     fsync_dir(path.parent)
 
 
-def _read_tokens(path: Path, label_ids: np.ndarray, with_types: bool, pooling: str) -> Encoded:
+def _read_tokens(path: Path, label_ids: np.ndarray, with_types: bool, pooling: str, room: int) -> Encoded:
     with np.load(path, allow_pickle=False) as stored:
         offsets = stored["offsets"]
         flat = stored["ids"]
@@ -137,7 +148,7 @@ def _read_tokens(path: Path, label_ids: np.ndarray, with_types: bool, pooling: s
                 raise ValueError(f"holds {len(flat_types)} token types for {len(flat)} tokens")
             types = [flat_types[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         labels = label_ids if documents is None else label_ids[documents]
-        return Encoded(ids, types, labels, int(stored["truncated"]), documents, text_tokens, pooling)
+        return Encoded(ids, types, labels, int(stored["truncated"]), documents, text_tokens, pooling, room)
 
 
 @dataclass

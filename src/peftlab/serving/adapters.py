@@ -48,7 +48,7 @@ class Adapter:
     label_range: list[float] | None = None  # a regression's unit (data.label_range)
     pairs: bool = False  # trained on text pairs (data.text_pair_column): takes pairs only
     temperature: list[float] | None = None  # calibration fitted with the kept checkpoint (calibration.py)
-    head_tail: Windowing | None = None  # a run that read long texts' first and last tokens (data.long_texts)
+    windowing: Windowing | None = None  # a run that read long texts as head and tail, or in chunks
 
     @classmethod
     def of_run(cls, name: str, run, key: str = "default", mixable: bool = False) -> "Adapter":
@@ -60,7 +60,7 @@ class Adapter:
         return cls(name, str(run.path), run.labels, run.config.model.max_length, run.config.method.kind, mixable, key,
                    run.config.data.task, thresholds, run.config.data.label_range,
                    run.config.data.text_pair_column is not None, temperature,
-                   Windowing.of(run.config) if run.config.data.long_texts == "head_tail" else None)
+                   Windowing.of(run.config) if run.config.data.long_texts != "truncate" else None)
 
 
 @dataclass
@@ -98,7 +98,6 @@ class ServedModel:
         for name, path in specs:
             _check_name(name, runs)
             run = load_run(path)
-            _check_cut_texts(run)
             if run.config.method.kind in ("full", "head"):
                 raise ServeError(f"adapter {name!r}: {path} is a {run.config.method.kind} run with no adapter; "
                                  "serve it alone with --model")
@@ -146,7 +145,6 @@ class ServedModel:
             from peftlab.methods import load_run_model
 
             run = load_run(path)
-            _check_cut_texts(run)
             model, tokenizer = load_run_model(run), load_tokenizer(str(run.model_dir))
             adapter = Adapter.of_run(name, run)
             base, speed = run.config.model.name, run.config.speed
@@ -171,14 +169,27 @@ class ServedModel:
         plan = inference_plan(speed, target, model.config.model_type)
         return cls(model.to(target).eval(), tokenizer, {name: adapter}, base, target, peft=is_peft(model), plan=plan)
 
-    @torch.inference_mode()
     def probabilities(self, ids: list[list[int]], adapters: list[str]) -> list[np.ndarray]:
-        with self.plan.kernels(self.device):
-            return self._probabilities(ids, adapters)
+        """What row i's adapter `adapters[i]` answers of it (`scores` of its `logits`)."""
+        return [self.scores(a, row[None])[0] for row, a in zip(self.logits(ids, adapters), adapters)]
 
-    def _probabilities(self, ids: list[list[int]], adapters: list[str]) -> list[np.ndarray]:
-        """Class probabilities for one padded batch; row i through adapter `adapters[i]` (each row's
-        array has that adapter's number of labels)."""
+    def scores(self, adapter: str, logits: np.ndarray) -> np.ndarray:
+        """An adapter's answers from its head's logits (texts x labels): probabilities, calibrated with
+        its run's temperature, or a regression's values in their unit."""
+        served = self.adapters[adapter]
+        if served.temperature is not None:
+            logits = logits / np.asarray(served.temperature, dtype=np.float32)
+        return tasks.outputs(served.task, logits, served.label_range)
+
+    @torch.inference_mode()
+    def logits(self, ids: list[list[int]], adapters: list[str]) -> list[np.ndarray]:
+        """The head's logits of each row of one padded batch, row i through adapter `adapters[i]` (each
+        row's array has that adapter's number of labels). Logits, not probabilities: the windows of a
+        chunked text combine before the softmax, as in evaluation (windows.combine)."""
+        with self.plan.kernels(self.device):
+            return self._logits(ids, adapters)
+
+    def _logits(self, ids: list[list[int]], adapters: list[str]) -> list[np.ndarray]:
         from peftlab.serving.inference import padded_inputs
 
         inputs = padded_inputs(self.tokenizer, ids, self.device, self._token_types(ids, adapters))
@@ -186,11 +197,7 @@ class ServedModel:
 
         def answer(rows: list[int], logits: torch.Tensor) -> None:
             for row, values in zip(rows, logits.float().cpu().numpy()):
-                adapter = self.adapters[adapters[row]]  # its head's columns (mixed passes pad the others)
-                values = values[None, : len(adapter.labels)]
-                if adapter.temperature is not None:
-                    values = values / np.asarray(adapter.temperature, dtype=np.float32)
-                out[row] = tasks.outputs(adapter.task, values, adapter.label_range)[0]
+                out[row] = values[: len(self.adapters[adapters[row]].labels)]  # mixed passes pad other heads
 
         groups = self._groups(adapters)
         for rows, adapter_names in groups:
@@ -235,16 +242,9 @@ class ServedModel:
                 # the run's name, not its path: clients need not learn the server's file system
                 "adapters": {a.name: {"labels": a.labels, "max_length": a.max_length, "method": a.method,
                                       "run": Path(a.source).name, "mixed_batches": a.mixable,
-                                      "task": a.task, "text_pairs": a.pairs}
+                                      "task": a.task, "text_pairs": a.pairs,
+                                      "long_texts": a.windowing.mode if a.windowing else "truncate"}
                              for a in self.adapters.values()}}
-
-
-def _check_cut_texts(run) -> None:
-    """The server reads a text's first max_length tokens, or its head and tail; a run that read long
-    texts in chunks is answered the way it was evaluated by `peftlab predict`."""
-    if run.config.data.long_texts == "chunks":
-        raise ServeError(f"{run.path} read long texts as data.long_texts=chunks; peftlab serve reads one window "
-                         "of a text (use peftlab predict for it)")
 
 
 def _check_name(name: str, taken: dict) -> None:

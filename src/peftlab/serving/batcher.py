@@ -37,7 +37,7 @@ class Job:
         return max(len(x) for x in self.ids)
 
 
-# (token ids of each row, adapter of each row) -> probabilities of each row
+# (token ids of each row, adapter of each row) -> what the model says of each row (its logits, in serving)
 Forward = Callable[[list[list[int]], list[str]], list[np.ndarray]]
 # (rows, padded tokens, distinct adapters) of each forward pass, for metrics
 OnBatch = Callable[[int, int, int], None]

@@ -32,6 +32,27 @@ def padded_inputs(tokenizer, ids: list[list[int]], device: torch.device,
     return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """What a classifier says of one text."""
+
+    label: str | None
+    """The most probable label (single-label); None for multi-label and regression."""
+    labels: list[str]
+    """Multi-label: every label at or above its decision threshold; single-label: [label]."""
+    score: float | None
+    """Single-label: the label's probability; regression: the value; multi-label: None."""
+    probabilities: dict[str, float]
+    """Every label's probability (calibrated unless the classifier is `raw`); empty for a regression."""
+
+    @classmethod
+    def of(cls, answer: dict[str, Any]) -> "Prediction":
+        """From one of tasks.answer's JSON answers."""
+        label = answer.get("label")
+        labels = answer.get("labels", [label] if label is not None else [])
+        return cls(label, labels, answer.get("score"), answer.get("probabilities", {}))
+
+
 @dataclass
 class Classifier:
     model: torch.nn.Module
@@ -111,6 +132,25 @@ class Classifier:
             logits = logits / np.asarray(self.temperature, dtype=np.float32)
         return tasks.outputs(self.task, logits, getattr(self.model.config, "label_range", None))
 
+    def predict_proba(self, texts: str | list[str], pairs: str | list[str] | None = None,
+                      batch_size: int = 64) -> np.ndarray:
+        """`probabilities` of one text or a list of them (texts x labels; a regression's values)."""
+        texts, pairs = _as_list(texts), None if pairs is None else _as_list(pairs)
+        return self.probabilities(texts, batch_size, pairs)
+
+    def predict(self, texts: str | list[str], pairs: str | list[str] | None = None,
+                batch_size: int = 64) -> list[Prediction]:
+        """One Prediction per text (of a single text too), in the given order."""
+        return [Prediction.of(row) for row in self.label_rows(self.predict_proba(texts, pairs, batch_size))]
+
     def label_rows(self, probabilities: np.ndarray) -> list[dict[str, Any]]:
         """One answer per text (tasks.answer): label and probabilities; labels above the threshold; or the value."""
         return tasks.answer(self.task, probabilities, self.labels, self.thresholds)
+
+
+def _as_list(texts: str | list[str]) -> list[str]:
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise DataError("texts are a string or a list of strings")
+    return list(texts)

@@ -7,12 +7,15 @@ import json
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from peftlab.serving.adapters import ServedModel
 from peftlab.serving.settings import ServeSettings
 from peftlab.tasks import DECISION_THRESHOLD
-from peftlab.windows import window_texts
+from peftlab.windows import combine, window_texts
 
 log = logging.getLogger("peftlab.serve")
 
@@ -31,6 +34,13 @@ class RequestError(Exception):
 
 def timeout_error(settings: ServeSettings) -> RequestError:
     return RequestError(504, "Timeout", f"no answer within {settings.timeout_s:g} s")
+
+
+@dataclass
+class Tokenized:
+    ids: list[list[int]]
+    documents: np.ndarray | None = None
+    """The text each row comes from, where the adapter reads long texts in chunks; else one row a text."""
 
 
 class _Metrics:
@@ -68,7 +78,7 @@ class Predictor:
         self.served, self.settings = served, settings
         self.in_flight = 0
         self.metrics = _Metrics(lambda: self.in_flight, lambda: self.batcher.depth(), lambda: self.batcher.rows())
-        self.batcher = MicroBatcher(served.probabilities, settings.max_batch_tokens, settings.max_wait_ms / 1000,
+        self.batcher = MicroBatcher(served.logits, settings.max_batch_tokens, settings.max_wait_ms / 1000,
                                     self.metrics.on_batch, settings.max_queue_rows)
         # A fast tokenizer's truncation setting is state on the tokenizer: one call at a time.
         self.tokenizer_lock = threading.Lock()
@@ -142,16 +152,17 @@ class Predictor:
                                                 f"{sorted(adapters)}")
         return name
 
-    def tokenize(self, texts: list[str], adapter: str, truncate: bool, deadline: float) -> list[list[int]]:
-        """Token ids of each text, within `deadline` (time.monotonic()): 504 past it."""
+    def tokenize(self, texts: list[str], adapter: str, truncate: bool, deadline: float) -> Tokenized:
+        """Token ids of each text (of each of its windows, where the run read long texts in chunks),
+        within `deadline` (time.monotonic()): 504 past it."""
         limit = self.served.adapters[adapter].max_length
         if not self.tokenizer_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise timeout_error(self.settings)
         try:
-            head_tail = self.served.adapters[adapter].head_tail
-            if head_tail is not None:  # long texts expected: the run's first and last tokens of each
-                ids = window_texts(self.served.tokenizer, texts, None, head_tail, with_types=False).input_ids
-                return self._in_time(ids, deadline)
+            windowing = self.served.adapters[adapter].windowing
+            if windowing is not None:  # long texts expected: read as the run read them (head and tail, chunks)
+                windowed = window_texts(self.served.tokenizer, texts, None, windowing, with_types=False)
+                return Tokenized(self._in_time(windowed.input_ids, deadline), windowed.documents)
             # One token over the limit is enough to tell an over-long text from one that fits.
             pairs = bool(texts) and not isinstance(texts[0], str)
             firsts = [self.covering_prefix(t[0] if pairs else t, limit + 1) for t in texts]
@@ -169,7 +180,7 @@ class Predictor:
                     ids[i] = x
         finally:
             self.tokenizer_lock.release()
-        return self._in_time(ids, deadline)
+        return Tokenized(self._in_time(ids, deadline))
 
     def _in_time(self, ids: list[list[int]], deadline: float) -> list[list[int]]:
         if time.monotonic() > deadline:
@@ -193,11 +204,16 @@ class Predictor:
             chars *= 4
         return text
 
-    def answer(self, probabilities: list, adapter: str) -> list[list[dict[str, Any]]]:
+    def answer(self, logits: list[np.ndarray], adapter: str,
+               documents: np.ndarray | None = None) -> list[list[dict[str, Any]]]:
         """Per text, every label with its score, highest first (text-embeddings-inference's shape); a
         multi-label answer marks the labels at or above their thresholds `predicted`, a regression's
-        one entry holds the value."""
+        one entry holds the value. A chunked text's window logits are combined first."""
         served = self.served.adapters[adapter]
+        values = np.stack(logits)
+        if documents is not None:
+            values = combine(values, documents, served.windowing.pooling)
+        probabilities = self.served.scores(adapter, values)
         labels = served.labels
         if served.task == "regression":
             return [[{"label": labels[0], "score": float(value)}] for value in probabilities]

@@ -134,16 +134,15 @@ def create_app(served: ServedModel, settings: ServeSettings):
             texts, single, adapter, truncate = predictor.parse(body)
             tokenizing = run_in_threadpool(predictor.tokenize, texts, adapter, truncate, deadline)
             try:
-                ids = await asyncio.wait_for(tokenizing, max(0.0, deadline - time.monotonic()))
-                future = predictor.batcher.submit(ids, adapter)
-                probabilities = await asyncio.wait_for(asyncio.wrap_future(future),
-                                                       max(0.0, deadline - time.monotonic()))
+                tokenized = await asyncio.wait_for(tokenizing, max(0.0, deadline - time.monotonic()))
+                future = predictor.batcher.submit(tokenized.ids, adapter)
+                logits = await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 raise timeout_error(settings) from None
             except QueueFull as exc:
                 raise RequestError(429, "Overloaded", str(exc)) from None
             predictor.metrics.inputs.labels(adapter).inc(len(texts))
-            answer = predictor.answer(probabilities, adapter)
+            answer = predictor.answer(logits, adapter, tokenized.documents)
             response = JSONResponse(answer[0] if single else answer)
         except RequestError as exc:
             response = error(exc.status, exc.error_type, exc.message)

@@ -15,7 +15,9 @@ _NAMES = {"f1_macro": "macro F1", "f1": "F1", "accuracy": "accuracy", "eval_loss
           "hamming_loss": "Hamming loss", "pearson": "Pearson r", "spearman": "Spearman ρ", "mse": "MSE", "mae": "MAE",
           "r2": "R²", "balanced_accuracy": "balanced accuracy", "mcc": "Matthews correlation", "roc_auc": "ROC-AUC",
           "pr_auc": "PR-AUC", "roc_auc_macro": "macro ROC-AUC", "average_precision_macro": "macro average precision",
-          "ece": "ECE", "ece_calibrated": "ECE calibrated"}
+          "ece": "ECE", "ece_calibrated": "ECE calibrated", "accuracy_long": "accuracy (long texts)",
+          "f1_macro_long": "macro F1 (long texts)", "f1_micro_long": "micro F1 (long texts)",
+          "pearson_long": "Pearson r (long texts)", "mae_long": "MAE (long texts)"}
 
 
 def metric_name(metric: str) -> str:
@@ -143,8 +145,9 @@ def sweep_curve(results: ResultSet, key: str, path: Path) -> Path | None:
         ax.axhline(configuration.stat(results.metric, results.select).mean, linestyle="--", color=color,
                    label=configuration.label)
     short = key.rsplit(".", 1)[-1]
-    ax.set_xscale("log", base=2 if short == "r" else 10)
-    ax.set_xlabel({"r": "LoRA rank r", "n_train": "training examples"}.get(short, short) + " (log scale)")
+    ax.set_xscale("log", base=2 if short in ("r", "max_length") else 10)
+    ax.set_xlabel({"r": "LoRA rank r", "n_train": "training examples", "max_length": "max_length (tokens a window)"}
+                  .get(short, short) + " (log scale)")
     ax.set_ylabel(f"{metric_name(results.metric)} (mean ± std)")
     ax.set_title(f"{metric_name(results.metric)} against {short}")
     ax.grid(True, which="both", alpha=0.3)

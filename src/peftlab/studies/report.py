@@ -20,7 +20,7 @@ from peftlab.studies.spec import UNSCALED_METRICS
 from peftlab.studies.stats import summarize
 
 REPORT_DIR = "report"
-SWEEP_KEYS = ("method.r", "data.n_train")
+SWEEP_KEYS = ("method.r", "data.n_train", "model.max_length")
 
 
 @dataclass
@@ -57,11 +57,17 @@ def _shared_metrics(results: ResultSet) -> set[str]:
     return set.intersection(*scored) if scored else set()
 
 
+def quality_metrics(results: ResultSet) -> list[str]:
+    """Beside the study's metric, the task's usual ones that every run has (a regression has no accuracy),
+    and the study's metric over the texts one window cannot hold (evaluation.long_text_scores)."""
+    shared = _shared_metrics(results)
+    return [results.metric] + [m for m in ("accuracy", "f1_macro", "f1_micro", "pearson", "mae", "eval_loss",
+                                           f"{results.metric}_long", "ece", "ece_calibrated")
+                               if m != results.metric and m in shared]
+
+
 def quality_table(results: ResultSet) -> Table:
-    # Beside the study's metric, the task's usual ones that every run has (a regression has no accuracy).
-    metrics = [results.metric] + [m for m in ("accuracy", "f1_macro", "f1_micro", "pearson", "mae", "eval_loss",
-                                              "ece", "ece_calibrated")
-                                  if m != results.metric and m in _shared_metrics(results)]
+    metrics = quality_metrics(results)
     header = ["configuration", "runs"]
     for metric in metrics:
         header += [plots.metric_name(metric), "95% CI"]

@@ -16,19 +16,18 @@ from pydantic import ValidationError
 from peftlab.config import RunConfig
 from peftlab.config_loading import (
     apply_overrides,
+    drop_inapplicable_method_keys,
     parse_overrides,
     parse_yaml,
     read_yaml,
     validate_config,
 )
 from peftlab.errors import ConfigError, StudyError
-from peftlab.method_configs import METHOD_CLASSES
 from peftlab.studies.spec import UNSCALED_METRICS, StudySpec
 from peftlab.tasks import METRICS
 from peftlab.typed_config import Strict
 
 STUDY_FILE = "study.json"
-_METHOD_KEYS = set().union(*(cls.model_fields for cls in METHOD_CLASSES.values()))
 
 
 @dataclass
@@ -140,12 +139,16 @@ class Study:
 # --------------------------------------------------------------------------- loading and expanding
 
 
-def read_spec(kind: type[Strict], path: Path, overrides: list[str] | None) -> tuple[Any, dict[str, Any]]:
-    """A study-like file (`base` + `config` + its own keys) validated as `kind`, and its base config.
-    An override changes the file's own key if it has one (`seeds=2`), else the base config."""
-    raw = read_yaml(path)
+def read_spec(kind: type[Strict], path: Path, overrides: list[str] | dict[str, Any] | None,
+              raw: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """A study-like file (`base` + `config` + its own keys) validated as `kind`, and its base config;
+    `raw` instead of the file where the study is given as a dict (`path` then names it in errors, and
+    a `base` is read relative to its folder). An override (`["seeds=2"]` or `{"seeds": 2}`) changes
+    the study's own key if it has one, else the base config."""
+    raw = read_yaml(path) if raw is None else raw
     own, config_overrides = {}, {}
-    for key, value in parse_overrides(overrides or []).items():
+    parsed = overrides if isinstance(overrides, dict) else parse_overrides(overrides or [])
+    for key, value in parsed.items():
         (own if key in kind.model_fields else config_overrides)[key] = value
     try:
         spec = kind.model_validate({**raw, **own})
@@ -156,10 +159,12 @@ def read_spec(kind: type[Strict], path: Path, overrides: list[str] | None) -> tu
     return spec, apply_overrides(base, config_overrides)
 
 
-def load_study(path: Path | str, overrides: list[str] | None = None) -> Study:
-    """Read, validate and expand a study file; `overrides` change the study (`seeds=2`) or the base config."""
-    path = Path(path)
-    spec, base = read_spec(StudySpec, path, overrides)
+def load_study(path: Path | str | dict[str, Any], overrides: list[str] | dict[str, Any] | None = None) -> Study:
+    """Read, validate and expand a study file (or a study given as a dict); `overrides` change the
+    study (`seeds=2`) or the base config."""
+    raw = path if isinstance(path, dict) else None
+    path = Path("study") if raw is not None else Path(path)
+    spec, base = read_spec(StudySpec, path, overrides, raw)
     study = expand(spec, base, path)
     study.baselines()  # an unmatched or ambiguous baseline fails now, not after the runs
     study.references()  # and so do reference figures that name no cell
@@ -187,7 +192,7 @@ def expand(spec: StudySpec, base: dict[str, Any], origin: Path) -> Study:
             changes |= variant_changes
         changes |= dict(zip(keys, values))
         raw = apply_overrides(base, changes)
-        dropped = _drop_inapplicable_method_keys(raw)
+        dropped = drop_inapplicable_method_keys(raw)
         grid_changes = {k: v for k, v in zip(keys, values) if k.removeprefix("method.") not in dropped}
         label = _label(variant, grid_changes)
         try:
@@ -217,21 +222,6 @@ def merge_configs(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]
         both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
         merged[key] = merge_configs(merged[key], value) if both_sections else value
     return merged
-
-
-def _drop_inapplicable_method_keys(raw: dict[str, Any]) -> set[str]:
-    """`method.r` means nothing for full fine-tuning: drop keys of other method kinds (unknown keys stay,
-    so that typos still fail validation)."""
-    method = raw.get("method")
-    if not isinstance(method, dict):
-        return set()
-    allowed = METHOD_CLASSES.get(method.get("kind", "lora"))
-    if allowed is None:
-        return set()
-    dropped = {key for key in method if key in _METHOD_KEYS and key not in allowed.model_fields}
-    for key in dropped:
-        del method[key]
-    return dropped
 
 
 def _identity(config: RunConfig) -> str:

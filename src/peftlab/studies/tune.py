@@ -140,6 +140,7 @@ def run_tune(tune: Tune) -> dict[str, Any]:
     except ImportError:
         raise StudyError("peftlab tune needs Optuna: pip install 'peftlab[tune]'") from None
     from peftlab.training.run import train
+    from peftlab.training.tracking import parent_run
 
     failures_here = trial_failures()
     spec = tune.spec
@@ -198,9 +199,11 @@ def run_tune(tune: Tune) -> dict[str, Any]:
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = spec.trials - len(study.get_trials(states=done))
     try:
-        if remaining > 0:
-            study.optimize(objective, catch=failures_here,
-                           callbacks=[optuna.study.MaxTrialsCallback(spec.trials, states=done), after_trial])
+        # Trials report to MLflow as children of one run for the search, where the config asks for it.
+        with parent_run(tune.config_for({}, 0), spec.name, "tune"):
+            if remaining > 0:
+                study.optimize(objective, catch=failures_here,
+                               callbacks=[optuna.study.MaxTrialsCallback(spec.trials, states=done), after_trial])
     finally:  # also when Ctrl-C or an error stops the search: tune.json says what happened
         record = write_tune_file(tune, study)
     return record

@@ -50,6 +50,7 @@ from peftlab.training.resume import (
 )
 from peftlab.training.sharding import gathered_optimizer, gathered_trainable, is_sharded
 from peftlab.training.step import EagerStep
+from peftlab.training.tracking import Trackers
 
 
 def train(config: RunConfig, resume: str | Path | None = None,
@@ -109,6 +110,9 @@ def _train(config: RunConfig, resume: str | Path | None, after_eval: Callable[[d
     plan = apply_plan(plan, model, data.train.input_ids, autocast_dtype, forced)
     run = run.create(resuming=checkpoint is not None) if run else None
     announce(config, data, counts, run, accelerator, plan, sharded)
+    trackers = Trackers(config, run.work) if run and config.output.report_to else None
+    if trackers:
+        cleanup.callback(trackers.close)  # a run that does not finish is marked failed; a finished one stays
     if run and not checkpoint:
         run.save_config(config)
         run.write_json(LABELS, {"labels": names, "id2label": data.splits.labels.id2label,
@@ -144,7 +148,7 @@ def _train(config: RunConfig, resume: str | Path | None, after_eval: Callable[[d
 
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
     with StopOnSignal() as stop:
-        hooks = Hooks(log=run.log if run else (lambda record: None), keep_best=keep_best,
+        hooks = Hooks(log=functools.partial(_log, run, trackers), keep_best=keep_best,
                       checkpoint=checkpoint_and_maybe_stop, stop_requested=lambda: stop.agreed(accelerator),
                       after_eval=after_eval)
         state = resume_from(checkpoint, unwrapped, parts.optimizer, parts.scheduler, accelerator, run, hooks) \
@@ -156,10 +160,22 @@ def _train(config: RunConfig, resume: str | Path | None, after_eval: Callable[[d
         return config.output.dir
     summary = run_summary(config, data, counts, state, started_at, accelerator) | {"run": run.final.name} \
         | plan.summary()
+    if trackers:
+        trackers.before_finish(summary)
     final = run.finish(summary)
+    if trackers:
+        trackers.finished(final)
     say(f"best {config.train.best_metric} {state.best[config.train.best_metric]:.4f} at epoch "
         f"{state.best['epoch']}; run saved to {final}")
     return final
+
+
+def _log(run: RunDir | None, trackers: Trackers | None, record: dict) -> None:
+    """A training or evaluation record to metrics.jsonl (the main process's), then to the trackers."""
+    if run:
+        run.log(record)
+    if trackers:
+        trackers.log(record)
 
 
 def _training_parts(config: RunConfig, data, model, accelerator, plan: SpeedPlan) -> Parts:
