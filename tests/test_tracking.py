@@ -71,3 +71,20 @@ def test_a_study_is_a_parent_run_with_its_runs_as_children(make_study, monkeypat
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert sorted(c.data.tags["seed"] for c in children) == ["42", "43"]
     assert "report/report.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+
+
+def test_a_search_is_a_parent_run_with_its_trials_as_children(tiny_models, toy_files, tmp_path, monkeypatch):
+    pytest.importorskip("optuna")
+    from test_tune import write_tune
+
+    from peftlab.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = write_tune(tiny_models, toy_files, tmp_path, train={"epochs": 1}, trials=2, pruner="none",
+                      space={"method.r": [2, 4]})
+    assert main(["tune", str(path), "output.report_to=[mlflow]"]) == 0
+    _, logged = mlflow_runs(tmp_path / "runs" / "toy-tune")
+    parent, *trials = logged
+    assert parent.data.tags["peftlab"] == "tune" and parent.info.run_name == "toy-tune" and len(trials) == 2
+    assert all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
+    assert sorted(t.info.run_name for t in trials) == ["trial-0000", "trial-0001"]

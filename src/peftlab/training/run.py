@@ -110,7 +110,7 @@ def _train(config: RunConfig, resume: str | Path | None, after_eval: Callable[[d
     plan = apply_plan(plan, model, data.train.input_ids, autocast_dtype, forced)
     run = run.create(resuming=checkpoint is not None) if run else None
     announce(config, data, counts, run, accelerator, plan, sharded)
-    trackers = Trackers(config, run.work) if run and config.output.report_to else None
+    trackers = Trackers(config, run.work, run.final.name) if run and config.output.report_to else None
     if trackers:
         cleanup.callback(trackers.close)  # a run that does not finish is marked failed; a finished one stays
     if run and not checkpoint:

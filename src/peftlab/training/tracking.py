@@ -95,8 +95,8 @@ class MlflowRun:
 class Trackers:
     """The trackers of one training run; every call is guarded (`_guarded`)."""
 
-    def __init__(self, config: RunConfig, work: Path):
-        self.config, self.work = config, work
+    def __init__(self, config: RunConfig, work: Path, name: str):
+        self.config, self.work, self.name = config, work, name
         self.wanted = list(config.output.report_to)
         self.mlflow: MlflowRun | None = None
         self.tensorboard = None
@@ -107,7 +107,7 @@ class Trackers:
     def _open_mlflow(self) -> None:
         config = self.config
         tags = {"method": config.method.kind, "model": config.model.name, "seed": str(config.train.seed),
-                "task": config.data.task, "run_dir": self.work.name.split(".")[0]}
+                "task": config.data.task, "run_dir": self.name}
         self.mlflow = MlflowRun(config.output.dir, tags["run_dir"], tags, _PARENT.get())
         self.mlflow.log_params(_flat(config.model_dump(mode="json")))
 
