@@ -58,16 +58,16 @@ def _study(args: argparse.Namespace) -> int:
     from peftlab.config_loading import parse_overrides
     from peftlab.studies.running import describe
 
-    overrides = parse_overrides(args.overrides)
-    print(describe(plan(args.study, **overrides)))
+    planned = plan(args.study, **parse_overrides(args.overrides))
+    print(describe(planned))
     if args.dry_run:
         return 0
     from peftlab.api import study
     from peftlab.training.resume import TrainingInterrupted
 
     try:
-        result = study(args.study, progress=not args.no_progress, backend=args.backend, address=args.address,
-                       retries=args.retries, write_report=not args.no_report, **overrides)
+        result = study(planned, progress=not args.no_progress, backend=args.backend, address=args.address,
+                       retries=args.retries, write_report=not args.no_report)
     except TrainingInterrupted as exc:
         print(f"peftlab study: {exc}; run the study again to go on", file=sys.stderr)
         return exc.exit_code

@@ -87,7 +87,7 @@ def plan(spec: str | Path | dict[str, Any], **overrides: Any) -> "Study":
     return study
 
 
-def study(spec: str | Path | dict[str, Any], *, progress: bool = True, backend: str = "local",
+def study(spec: "str | Path | dict[str, Any] | Study", *, progress: bool = True, backend: str = "local",
           address: str | None = None, retries: int = 1, write_report: bool = False,
           **overrides: Any) -> StudyResult:
     """Run a study (`peftlab study`): a YAML file's path or a dict, changed by `overrides` (`seeds=2`,
@@ -96,9 +96,10 @@ def study(spec: str | Path | dict[str, Any], *, progress: bool = True, backend: 
     report is written at the end (`StudyResult.page`). Where the base config reports to MLflow, the
     study is a parent run with its runs as children, and the report one of its artifacts."""
     from peftlab.studies.running import run_study
+    from peftlab.studies.study import Study
     from peftlab.training.tracking import parent_run
 
-    chosen = plan(spec, **overrides)
+    chosen = spec if isinstance(spec, Study) else plan(spec, **overrides)  # a Study: planned already
     runner: Callable | None = None
     if backend == "ray":
         from functools import partial
