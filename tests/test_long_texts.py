@@ -154,3 +154,29 @@ def test_chunks_and_head_tail_read_what_truncation_cuts_off(make_config, late_wo
                 assert {a["label"]: a["score"] for a in answer} == pytest.approx(dict(zip(run.labels, row)), abs=1e-5)
     assert accuracy["truncate"] <= 0.7 and accuracy["head_tail"] >= 0.9 and accuracy["chunks"] >= 0.9, accuracy
     assert "hint: 100% of the training texts are longer than max_length=16" in capsys.readouterr().out
+
+
+def test_chunks_need_a_classifier_that_reads_the_first_token(make_config, make_study, tmp_path):
+    import transformers as tf
+
+    from peftlab.studies.running import run_study
+    from peftlab.studies.study import load_study
+    from peftlab.windows import check_classifier
+
+    small = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    mean = tmp_path / "modernbert-mean"
+    tf.ModernBertConfig(**small, classifier_pooling="mean").save_pretrained(mean)
+    with pytest.raises(ConfigError, match=r"chunks needs a classifier that reads the first token; .* pools mean"):
+        train(make_config("bert", model={"name": str(mean)}, data={"long_texts": "chunks"}))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()  # stopped before any work
+    spec = make_study(grid={"model.name": [str(mean)], "data.long_texts": ["truncate", "chunks"]})
+    study = load_study(spec)
+    with pytest.raises(ConfigError, match="pools mean"):
+        run_study(study, progress=False)
+    assert not study.directory.exists()  # not even the truncated run started
+    check_classifier("chunks", "cls", tf.ModernBertConfig(**small, classifier_pooling="cls"))
+    check_classifier("truncate", "mean", tf.ModernBertConfig(**small, classifier_pooling="mean"))
+    for family in ("bert", "roberta", "deberta-v2", "distilbert"):
+        check_classifier("chunks", family, tf.AutoConfig.for_model(family))
+    with pytest.raises(ConfigError, match=r"a family peftlab does not know \(gpt2\)"):
+        check_classifier("chunks", "gpt2", tf.GPT2Config(n_layer=1))

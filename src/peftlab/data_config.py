@@ -17,8 +17,8 @@ class DataConfig(Strict):
     optionally `eval_file`), never both. Every row is checked before a model loads."""
 
     source: str | None = None
-    """Hub dataset name (`imdb`, `ag_news`) or offline alias `tweets` (the packaged tweet corpus); or leave
-    empty and give files."""
+    """Hub dataset name (`imdb`, `ag_news`) or an offline alias (`tweets`, `stsb`, `attack-tactics`,
+    `reuters-r52`, `20newsgroups`, `imdb-train`: docs/data.md); or leave empty and give files."""
     hub_config: str | None = None
     """Hub dataset configuration (subset) name."""
     train_file: Path | None = None

@@ -23,6 +23,9 @@ class ModelFamily:
     (or DistilBERT's) layer: it may compute that position alone (speed.first_token_last_layer)."""
     cuda_graphs_verified: bool = False
     """Training steps recorded as CUDA graphs and checked against op-by-op steps on a GPU."""
+    pooling_key: str | None = None
+    """The config key that says where the sequence classifier reads (ModernBERT's `classifier_pooling`,
+    "cls" or "mean"); None: it always reads position 0 ([CLS], <s>)."""
 
 
 _BERT_FFN = r"\.(intermediate\.dense|layer\.\d+\.output\.dense)$"
@@ -39,7 +42,8 @@ FAMILIES: dict[str, ModelFamily] = {
                               sdpa_attention=True, first_token_head=True, cuda_graphs_verified=True),
     "deberta-v2": ModelFamily(attention=r"\.attention\.(self\.(query_proj|key_proj|value_proj)|output\.dense)$",
                               feedforward=_BERT_FFN),
-    "modernbert": ModelFamily(attention=r"\.attn\.(Wqkv|Wo)$", feedforward=r"\.mlp\.(Wi|Wo)$"),
+    "modernbert": ModelFamily(attention=r"\.attn\.(Wqkv|Wo)$", feedforward=r"\.mlp\.(Wi|Wo)$",
+                              pooling_key="classifier_pooling"),
     "mpnet": ModelFamily(attention=r"\.attn\.(q|k|v|o)$", feedforward=_BERT_FFN),
 }
 
@@ -52,6 +56,16 @@ def supports(model_type: str | None, feature: str) -> bool:
     """Whether the family of `model_type` has `feature` (a boolean field of ModelFamily)."""
     known = family(model_type)
     return bool(known and getattr(known, feature))
+
+
+def classifier_pooling(config) -> str | None:
+    """Where the sequence classifier of a model (its transformers config) reads the last layer:
+    "cls" (position 0), another pooling its config names ("mean"), or None for a family peftlab does
+    not know."""
+    known = family(getattr(config, "model_type", None))
+    if known is None:
+        return None
+    return str(getattr(config, known.pooling_key, "cls")) if known.pooling_key else "cls"
 
 
 def with_feature(feature: str) -> list[str]:

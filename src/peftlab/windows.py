@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from peftlab.errors import ConfigError
+from peftlab.families import classifier_pooling
+
 
 @dataclass(frozen=True)
 class Windowing:
@@ -72,6 +75,20 @@ def window_texts(tokenizer, texts: list[str], pairs: list[str] | None, windowing
             ids.append(prefix + c[start : start + room] + suffix)
             documents.append(document)
     return Windowed(ids, None, np.asarray(documents, dtype=np.int64), lengths, truncated)
+
+
+def check_classifier(mode: str, model_name: str, model_config) -> None:
+    """Chunks need a classifier that reads a window's first token ([CLS], <s>): every window begins
+    with one, trained on its text's label, and that is the setting the windows are tested and
+    measured with (docs/long-documents.md). A head that pools every token or the last one, or one
+    of a family peftlab does not know, stops here, before any text is tokenized."""
+    if mode != "chunks" or model_config is None:  # an unreadable config: loading the model says why
+        return
+    pooling = classifier_pooling(model_config)
+    if pooling != "cls":
+        reads = f"pools {pooling}" if pooling else f"is of a family peftlab does not know ({model_config.model_type})"
+        raise ConfigError(f"data.long_texts=chunks needs a classifier that reads the first token; the one of "
+                          f"{model_name!r} {reads}: use data.long_texts=truncate or head_tail, or such a model")
 
 
 def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:

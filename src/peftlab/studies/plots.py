@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -120,7 +121,7 @@ def confusion(run: RunResult, select: str, labels: list[str], title: str, path: 
 def sweep_curve(results: ResultSet, key: str, path: Path) -> Path | None:
     """Metric against one swept key (rank, data size): one line per combination of the other keys;
     configurations without the key (full fine-tuning in a rank sweep) are dashed reference lines."""
-    others = [k for k in results.varying if k != key]
+    others = [k for k in results.varying if k != key and not _follows(results, k, key)]
     series: dict[str, list[tuple[float, Configuration]]] = {}
     references: list[Configuration] = []
     for configuration in results.scored():
@@ -153,6 +154,17 @@ def sweep_curve(results: ResultSet, key: str, path: Path) -> Path | None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _follows(results: ResultSet, other: str, key: str) -> bool:
+    """Whether `other` is set by `key` wherever both are set (data.stride and data.head_tokens default to
+    a share of model.max_length): a series per value of it would split every line into points."""
+    seen: dict[Any, Any] = {}
+    for configuration in results.scored():
+        value, own = configuration.changes.get(key), configuration.changes.get(other)
+        if value is not None and own is not None and seen.setdefault(value, own) != own:
+            return False
+    return True
 
 
 def _nan_to_zero(value: float) -> float:

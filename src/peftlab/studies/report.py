@@ -20,7 +20,7 @@ from peftlab.studies.spec import UNSCALED_METRICS
 from peftlab.studies.stats import summarize
 
 REPORT_DIR = "report"
-SWEEP_KEYS = ("method.r", "data.n_train")
+SWEEP_KEYS = ("method.r", "data.n_train", "model.max_length")
 
 
 @dataclass

@@ -12,8 +12,10 @@ from peftlab.config_loading import (
     config_differences,
 )
 from peftlab.errors import StudyError
+from peftlab.models import model_config
 from peftlab.runs import CONFIG, atomic_write_json, is_finished
 from peftlab.studies.study import STUDY_FILE, PlannedRun, Study
+from peftlab.windows import check_classifier
 
 
 def check_finished_runs(study: Study) -> None:
@@ -27,6 +29,16 @@ def check_finished_runs(study: Study) -> None:
         if differences:
             raise StudyError(f"{planned.path} was made with a different config ({'; '.join(differences[:5])}); "
                              f"give the study another name, or remove that run to redo it")
+
+
+def check_classifiers(study: Study) -> None:
+    """A model that cannot read chunks stops the study before its first run, not at each of its runs."""
+    checked = set()
+    for planned in study.runs:
+        config = planned.config
+        if config.data.long_texts == "chunks" and config.model.name not in checked:
+            check_classifier("chunks", config.model.name, model_config(config.model.name))
+            checked.add(config.model.name)
 
 
 def describe(study: Study) -> str:
@@ -51,6 +63,7 @@ def run_study(study: Study, progress: bool = True,
     `runner(study, todo)` runs the cells elsewhere (the Ray backend: studies/ray_backend.py); by
     default they run here, one after another."""
     check_finished_runs(study)
+    check_classifiers(study)
     study.directory.mkdir(parents=True, exist_ok=True)
     write_study_file(study)
     todo = [r for r in study.runs if not is_finished(r.path)]

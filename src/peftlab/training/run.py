@@ -25,7 +25,7 @@ from peftlab.methods import (
     save_trained,
 )
 from peftlab.metrics import load_scorers
-from peftlab.models import load_base, model_type
+from peftlab.models import load_base, model_config
 from peftlab.runs import CHECKPOINTS, LABELS, RunDir
 from peftlab.speed import process_settings
 from peftlab.speed.apply import apply_plan
@@ -51,6 +51,7 @@ from peftlab.training.resume import (
 from peftlab.training.sharding import gathered_optimizer, gathered_trainable, is_sharded
 from peftlab.training.step import EagerStep
 from peftlab.training.tracking import Trackers
+from peftlab.windows import check_classifier
 
 
 def train(config: RunConfig, resume: str | Path | None = None,
@@ -82,7 +83,9 @@ def _train(config: RunConfig, resume: str | Path | None, after_eval: Callable[[d
     environment.reset_peak_memory()
     accelerator = make_accelerator(config.train)
     sharded = is_sharded(accelerator)
-    plan = resolve(config.speed, Setting.of_run(config, accelerator, sharded, model_type(config.model.name)))
+    base_config = model_config(config.model.name)
+    check_classifier(config.data.long_texts, config.model.name, base_config)
+    plan = resolve(config.speed, Setting.of_run(config, accelerator, sharded, getattr(base_config, "model_type", None)))
     if plan.process_settings:
         process_settings.apply()
     run = RunDir.reserve(config.output, config.method.kind, resume) if accelerator.is_main_process else None
