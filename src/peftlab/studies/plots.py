@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -159,7 +158,7 @@ def sweep_curve(results: ResultSet, key: str, path: Path) -> Path | None:
 def _follows(results: ResultSet, other: str, key: str) -> bool:
     """Whether `other` is set by `key` wherever both are set (data.stride and data.head_tokens default to
     a share of model.max_length): a series per value of it would split every line into points."""
-    seen: dict[Any, Any] = {}
+    seen: dict = {}
     for configuration in results.scored():
         value, own = configuration.changes.get(key), configuration.changes.get(other)
         if value is not None and own is not None and seen.setdefault(value, own) != own:
